@@ -1,0 +1,133 @@
+"""The wire format, declared once with ``construct``.
+
+These declarations are the single source of truth for the byte layout: ``docs/protocol.md`` is
+written from them and its golden vectors are checked against them by the tests.  The hot path
+does not run construct on payload-bearing frames (construct copies through BytesIO and costs
+microseconds per header); it uses the ``struct`` formats at the bottom of this file, and a test
+proves that both agree byte for byte.
+
+Every frame starts with a one-byte type code followed by fixed big-endian fields.  DATA is
+followed by ``length`` payload bytes and ERROR by ``length`` bytes of UTF-8 text; no other frame
+has a variable part, so a reader always knows how many bytes it needs next.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+
+from construct import Bytes, Const, Int8ub, Int16ub, Int32ub, Int64ub, Struct
+
+MAGIC = b"VMPD"
+PROTOCOL_VERSION = 1
+
+#: The first byte of every frame.
+T_HELLO = 0x48  # "H"  transmitter -> receiver, first frame of every connection
+T_WELCOME = 0x57  # "W"  receiver -> transmitter, answer to HELLO
+T_DATA = 0x44  # "D"  transmitter -> receiver
+T_ACK = 0x41  # "A"  receiver -> transmitter
+T_BYE = 0x42  # "B"  transmitter -> receiver, end of stream
+T_BYE_OK = 0x62  # "b"  receiver -> transmitter, everything written
+T_ERROR = 0x45  # "E"  either way, fatal for the session
+
+
+class WelcomeStatus(IntEnum):
+    """Why a receiver accepted or refused a connection (the WELCOME ``status`` byte)."""
+
+    ACCEPTED = 0
+    BAD_VERSION = 1
+    BAD_CHECKPHRASE = 2
+    WRONG_SESSION = 3
+    BAD_PARAMETERS = 4
+    SESSION_OVER = 5
+
+
+class ErrorCode(IntEnum):
+    """Why a peer aborts the whole session (the ERROR ``code`` field)."""
+
+    SINK_FAILED = 1
+    SOURCE_FAILED = 2
+    PROTOCOL = 3
+    ABORTED = 4
+    TOTALS_MISMATCH = 5
+    TIMEOUT = 6
+
+
+class Feature(IntEnum):
+    """Bits of the HELLO ``features`` word.
+
+    The low nibble names the checksum algorithm; the next two are reserved for compression and
+    encryption so that later versions can negotiate them without a new frame layout.
+    """
+
+    CHECKSUM_MASK = 0x0000000F
+    CHECKSUM_CRC32 = 0x00000001
+    COMPRESSION_MASK = 0x000000F0
+    ENCRYPTION_MASK = 0x00000F00
+
+
+HELLO_BODY = Struct(
+    "magic" / Const(MAGIC),
+    "version" / Int16ub,
+    "checkphrase" / Bytes(4),
+    "session_id" / Bytes(16),
+    "conn_index" / Int16ub,
+    "chunk_size" / Int32ub,
+    "window" / Int32ub,
+    "features" / Int32ub,
+)
+
+WELCOME_BODY = Struct(
+    "status" / Int8ub,
+    "session_id" / Bytes(16),
+    "written" / Int64ub,
+)
+
+DATA_BODY = Struct(
+    "seq" / Int64ub,
+    "length" / Int32ub,
+    "checksum" / Int32ub,
+)
+
+ACK_BODY = Struct(
+    "seq" / Int64ub,
+    "written" / Int64ub,
+)
+
+BYE_BODY = Struct(
+    "chunks" / Int64ub,
+    "nbytes" / Int64ub,
+)
+
+BYE_OK_BODY = BYE_BODY
+
+ERROR_BODY = Struct(
+    "code" / Int16ub,
+    "length" / Int16ub,
+)
+
+#: The fixed part of each frame body (after the type byte), by type code.
+BODIES = {
+    T_HELLO: HELLO_BODY,
+    T_WELCOME: WELCOME_BODY,
+    T_DATA: DATA_BODY,
+    T_ACK: ACK_BODY,
+    T_BYE: BYE_BODY,
+    T_BYE_OK: BYE_OK_BODY,
+    T_ERROR: ERROR_BODY,
+}
+
+#: Type byte + fixed body, by type code.
+FIXED_SIZE = {t: 1 + body.sizeof() for t, body in BODIES.items()}
+
+#: Longest ERROR text accepted, so that a hostile peer cannot make us buffer much.
+MAX_ERROR_TEXT = 1024
+
+#: Fast path: the full DATA header (type byte + body), packed in front of the payload buffer.
+DATA_HEADER = struct.Struct("!BQII")
+DATA_HEADER_SIZE = DATA_HEADER.size
+#: Fast path for the receiver's ACK frames.
+ACK_FRAME = struct.Struct("!BQQ")
+
+assert DATA_HEADER_SIZE == FIXED_SIZE[T_DATA]
+assert ACK_FRAME.size == FIXED_SIZE[T_ACK]
