@@ -217,6 +217,8 @@ class Decoder:
     def next_event(self) -> Event | _NeedData:
         """The next complete event, :data:`NEED_DATA`, or :class:`ProtocolError`."""
         if self._state is _State.PAYLOAD:
+            if self._eof and self.buffered < self._remaining:
+                raise ProtocolError("connection closed inside a DATA payload")
             raise RuntimeError("take the pending DATA payload before asking for the next event")
         have = self.buffered
         if have == 0:
@@ -356,6 +358,7 @@ def encode(event: Event) -> bytes:
             {"chunks": event.chunks, "nbytes": event.nbytes}
         )
     if isinstance(event, Error):
-        text = event.message.encode("utf-8")[:MAX_ERROR_TEXT]
+        # Cut at a character boundary: a split UTF-8 sequence would not be valid text.
+        text = event.message.encode("utf-8")[:MAX_ERROR_TEXT].decode("utf-8", "ignore").encode()
         return bytes([T_ERROR]) + ERROR_BODY.build({"code": event.code, "length": len(text)}) + text
     raise TypeError(f"cannot encode {event!r}")

@@ -1,0 +1,111 @@
+"""Glue between the sans-IO codec and an anyio byte stream, shared by both session ends."""
+
+from __future__ import annotations
+
+import anyio
+import anyio.abc
+
+from .errors import LinkBroken
+from .transport import ReceiveInto
+from .wire import NEED_DATA, Decoder, Event
+
+#: Errors that mean "this connection is gone", whatever stream implementation raised them.
+STREAM_ERRORS = (
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+    ConnectionError,
+)
+
+
+class Notifier:
+    """Wakes every waiter when some shared state changed; waiters re-check their condition.
+
+    Checking the condition and calling :meth:`wait` happen without a checkpoint in between, so
+    no wake-up is lost (the ParkingLot pattern, expressed with anyio events).
+    """
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = anyio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class FrameReader:
+    """Pulls events off a stream.
+
+    With ``greedy=False`` it never reads past the current frame, so DATA payloads can be
+    received straight into their chunk buffers (see :meth:`read_payload_into`).
+    """
+
+    __slots__ = ("_fast", "_greedy", "decoder", "stream")
+
+    def __init__(self, stream: anyio.abc.ByteStream, decoder: Decoder, *, greedy: bool) -> None:
+        self.stream = stream
+        self.decoder = decoder
+        self._greedy = greedy
+        self._fast = isinstance(stream, ReceiveInto)
+
+    async def next_event(self) -> Event:
+        dec = self.decoder
+        while True:
+            event = dec.next_event()
+            if event is not NEED_DATA:
+                return event
+            want = 65536 if self._greedy else max(dec.read_hint(), 1)
+            try:
+                data = await self.stream.receive(want)
+            except anyio.EndOfStream:
+                data = b""
+            except STREAM_ERRORS as exc:
+                raise LinkBroken(str(exc) or type(exc).__name__) from exc
+            dec.receive_data(data)
+
+    async def read_payload_into(self, view: memoryview) -> None:
+        """Fill ``view`` (exactly the pending payload) with as few copies as the stream allows."""
+        dec = self.decoder
+        got = dec.take_payload_into(view)
+        size = len(view)
+        stream = self.stream
+        try:
+            while got < size:
+                if self._fast:
+                    assert isinstance(stream, ReceiveInto)
+                    n = await stream.receive_into(view[got:])
+                    if n == 0:
+                        raise LinkBroken("connection closed inside a DATA frame")
+                else:
+                    data = await stream.receive(size - got)
+                    n = len(data)
+                    view[got : got + n] = data
+                dec.payload_consumed(n)
+                got += n
+        except anyio.EndOfStream:
+            raise LinkBroken("connection closed inside a DATA frame") from None
+        except STREAM_ERRORS as exc:
+            raise LinkBroken(str(exc) or type(exc).__name__) from exc
+
+
+class BufferPool:
+    """Reuses chunk buffers: fresh 2 MiB allocations cost page faults on every chunk."""
+
+    __slots__ = ("_free", "_keep", "size")
+
+    def __init__(self, size: int, keep: int) -> None:
+        self.size = size
+        self._keep = keep
+        self._free: list[bytearray] = []
+
+    def get(self) -> bytearray:
+        return self._free.pop() if self._free else bytearray(self.size)
+
+    def put(self, buf: bytearray) -> None:
+        if len(self._free) < self._keep:
+            self._free.append(buf)

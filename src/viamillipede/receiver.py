@@ -1,0 +1,448 @@
+"""The receiving end of a session.
+
+Each accepted connection gets a handler that checks the HELLO, receives DATA payloads straight
+into pooled chunk buffers, verifies checksums, files chunks in the reorder buffer and queues
+ACKs.  One writer task drains the reorder buffer to the sink strictly in sequence.  All frames a
+connection sends back go through that connection's own sender task, so the writer never blocks
+on a slow or dead connection and no two tasks ever write to one stream.
+
+A receiver serves exactly one session: the first accepted HELLO binds it.  It finishes with
+success only after a BYE whose totals match what was written and flushed.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+
+from .errors import (
+    LinkBroken,
+    LocalIOError,
+    PeerTimeout,
+    ProtocolViolation,
+    RemoteFailure,
+    TruncatedStream,
+    ViamillipedeError,
+)
+from .framing import STREAM_ERRORS, BufferPool, FrameReader, Notifier
+from .options import (
+    DEFAULT_CHECKPHRASE,
+    DEFAULT_TIMEOUT,
+    HANDSHAKE_TIMEOUT,
+    MAX_CHUNK_SIZE,
+    MAX_RECEIVER_BUFFER,
+    encode_checkphrase,
+)
+from .stats import Counters, TransferStats
+from .wire import (
+    PROTOCOL_VERSION,
+    Bye,
+    ByeOk,
+    ConnectionClosed,
+    Data,
+    DataHeader,
+    Decoder,
+    Error,
+    ErrorCode,
+    Feature,
+    Hello,
+    ProtocolError,
+    Welcome,
+    WelcomeStatus,
+    encode,
+    encode_ack,
+)
+
+log = logging.getLogger("viamillipede.rx")
+
+
+class Sink(Protocol):
+    """Where the ordered stream goes."""
+
+    async def write(self, data: memoryview) -> None: ...
+
+    async def flush(self) -> None: ...
+
+
+class Listener(Protocol):
+    async def accept(self) -> anyio.abc.ByteStream: ...
+
+
+class _Conn:
+    """One accepted connection: its stream, its outgoing frame queue and its cancel scope."""
+
+    __slots__ = ("_out", "_wake", "closed", "drained", "index", "name", "scope", "stream")
+
+    def __init__(self, stream: anyio.abc.ByteStream, name: str) -> None:
+        self.stream = stream
+        self.name = name
+        self.index = -1
+        self.scope = anyio.CancelScope()
+        self._out: list[bytes | int] = []  # an int is "ACK this seq with the current written"
+        self._wake = Notifier()
+        self.drained = Notifier()
+        self.closed = False
+
+    def queue(self, item: bytes | int) -> None:
+        self._out.append(item)
+        self._wake.notify()
+
+    @property
+    def idle(self) -> bool:
+        return not self._out
+
+    async def sender(self, written: Callable[[], int]) -> None:
+        """The only task that writes to this stream after the WELCOME."""
+        while True:
+            while not self._out:
+                self.drained.notify()
+                await self._wake.wait()
+            items, self._out = self._out, []
+            w = written()
+            data = b"".join(encode_ack(i, w) if isinstance(i, int) else i for i in items)
+            await self.stream.send(data)
+
+
+class Receiver:
+    """Accepts connections for one session and writes the stream, in order, to ``sink``."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        checkphrase: str = DEFAULT_CHECKPHRASE,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_chunk_size: int = MAX_CHUNK_SIZE,
+        max_buffer: int = MAX_RECEIVER_BUFFER,
+    ) -> None:
+        self._sink = sink
+        self._checkphrase = encode_checkphrase(checkphrase)
+        self._timeout = timeout
+        self._max_chunk_size = max_chunk_size
+        self._max_buffer = max_buffer
+
+        self.session_id: bytes | None = None
+        self._chunk_size = 0
+        self._window = 0
+        self._checksum = False
+        self._features = 0
+        self._pool: BufferPool | None = None
+
+        self._written = 0
+        self._reorder: dict[int, tuple[bytearray, int, _Conn]] = {}
+        self._arrived = Notifier()
+        self._progress = Notifier()
+        self._conns: dict[int, _Conn] = {}
+        self._complete = anyio.Event()
+        self._succeeded = False
+        self._error: ViamillipedeError | None = None
+        self._last_activity = 0.0
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._counters = Counters("rx")
+
+    # -- public --------------------------------------------------------------------------
+
+    def statistics(self) -> TransferStats:
+        return self._counters.snapshot()
+
+    async def serve(self, listener: Listener) -> TransferStats:
+        """Accept connections until the session completes; return its statistics."""
+
+        async def accept_loop(tg: anyio.abc.TaskGroup) -> None:
+            while True:
+                stream = await listener.accept()
+                tg.start_soon(self.handle, stream)
+
+        return await self.run(accept_loop)
+
+    async def run(
+        self, feeder: Callable[[anyio.abc.TaskGroup], Awaitable[None]] | None = None
+    ) -> TransferStats:
+        """Run the session; ``feeder`` (if any) starts :meth:`handle` tasks in the group.
+
+        Without a feeder, call :meth:`handle` from elsewhere (e.g. with in-memory streams).
+        """
+        self._last_activity = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._guard, self._writer)
+            tg.start_soon(self._guard, self._watchdog)
+            if feeder is not None:
+                tg.start_soon(feeder, tg)
+            await self._complete.wait()
+            if self._error is not None:
+                await self._tell_everyone(Error(self._error_code(), str(self._error)))
+            tg.cancel_scope.cancel()
+        for conn in list(self._conns.values()):
+            await _close(conn.stream)
+        if self._error is not None:
+            raise self._error
+        return self._counters.snapshot()
+
+    async def handle(self, stream: anyio.abc.ByteStream) -> None:
+        """Serve one connection until it closes, breaks or the session ends."""
+        name = getattr(stream, "peer", None) or "peer"
+        conn = _Conn(stream, name)
+        try:
+            await self._handle(conn)
+        except (LinkBroken, *STREAM_ERRORS) as exc:
+            log.warning("connection from %s broke: %s", name, exc)
+        except ProtocolError as exc:
+            self._counters.rejected += 1
+            log.warning("dropped connection from %s: %s", name, exc)
+        except ViamillipedeError as exc:
+            self._fail(exc)
+        finally:
+            conn.closed = True
+            if self._conns.get(conn.index) is conn:
+                del self._conns[conn.index]
+            await _close(stream)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _fail(self, exc: ViamillipedeError) -> None:
+        if self._error is None and not self._succeeded:
+            self._error = exc
+        self._complete.set()
+
+    def _error_code(self) -> int:
+        if isinstance(self._error, LocalIOError):
+            return int(ErrorCode.SINK_FAILED)
+        if isinstance(self._error, PeerTimeout):
+            return int(ErrorCode.TIMEOUT)
+        if isinstance(self._error, TruncatedStream):
+            return int(ErrorCode.TOTALS_MISMATCH)
+        return int(ErrorCode.ABORTED)
+
+    async def _guard(self, fn: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await fn()
+        except ViamillipedeError as exc:
+            self._fail(exc)
+
+    async def _tell_everyone(self, error: Error) -> None:
+        """Best effort: queue ERROR on every live connection and give them a moment to send."""
+        frame = encode(error)
+        conns = [c for c in self._conns.values() if not c.closed]
+        for conn in conns:
+            conn.queue(frame)
+        with anyio.move_on_after(1.0):
+            for conn in conns:
+                while not conn.idle and not conn.closed:
+                    await conn.drained.wait()
+
+    async def _watchdog(self) -> None:
+        while True:
+            deadline = self._last_activity + self._timeout
+            now = anyio.current_time()
+            if now < deadline:
+                await anyio.sleep(deadline - now)
+                continue
+            if self.session_id is not None:
+                raise PeerTimeout(
+                    f"the transmitter has been silent for {self._timeout:g} s; "
+                    f"{self._counters.nbytes} bytes were delivered ({self._written} chunks)"
+                )
+            # Nobody has connected yet: a receiver may be started long before its transmitter.
+            self._last_activity = now
+
+    # -- admission -----------------------------------------------------------------------
+
+    def _admit(self, hello: Hello) -> WelcomeStatus:
+        if hello.version != PROTOCOL_VERSION:
+            return WelcomeStatus.BAD_VERSION
+        if hello.checkphrase != self._checkphrase:
+            return WelcomeStatus.BAD_CHECKPHRASE
+        if self._complete.is_set():
+            return WelcomeStatus.SESSION_OVER
+        if self.session_id is not None:
+            if hello.session_id != self.session_id:
+                return WelcomeStatus.WRONG_SESSION
+            same = (hello.chunk_size, hello.window, hello.features) == (
+                self._chunk_size,
+                self._window,
+                self._features,
+            )
+            return WelcomeStatus.ACCEPTED if same else WelcomeStatus.BAD_PARAMETERS
+        checksum = hello.features & Feature.CHECKSUM_MASK
+        if (
+            not 1 <= hello.chunk_size <= self._max_chunk_size
+            or not 1 <= hello.window <= 4096
+            or hello.chunk_size * hello.window > self._max_buffer
+            or checksum not in (0, Feature.CHECKSUM_CRC32)
+            or hello.features & ~Feature.CHECKSUM_MASK
+        ):
+            return WelcomeStatus.BAD_PARAMETERS
+        self.session_id = hello.session_id
+        self._chunk_size = hello.chunk_size
+        self._window = hello.window
+        self._features = hello.features
+        self._checksum = checksum == Feature.CHECKSUM_CRC32
+        self._pool = BufferPool(hello.chunk_size, keep=hello.window + 8)
+        log.info(
+            "session %s: chunk %d bytes, window %d, checksum %s",
+            hello.session_id.hex()[:12],
+            hello.chunk_size,
+            hello.window,
+            "crc32" if self._checksum else "off",
+        )
+        return WelcomeStatus.ACCEPTED
+
+    # -- one connection ------------------------------------------------------------------
+
+    async def _handle(self, conn: _Conn) -> None:
+        stream = conn.stream
+        reader = FrameReader(stream, Decoder.for_receiver(stream_payload=True), greedy=False)
+        with anyio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
+            hello = await reader.next_event()
+        if handshake.cancelled_caught:
+            self._counters.rejected += 1
+            log.warning("dropped connection from %s: no HELLO within %g s", conn.name,
+                        HANDSHAKE_TIMEOUT)
+            return
+        if isinstance(hello, ConnectionClosed):
+            return
+        assert isinstance(hello, Hello)  # the decoder accepts nothing else first
+        status = self._admit(hello)
+        await stream.send(encode(Welcome(int(status), self.session_id or bytes(16),
+                                         self._written)))
+        if status != WelcomeStatus.ACCEPTED:
+            self._counters.rejected += 1
+            log.warning("rejected connection from %s: %s", conn.name, _REASONS[status])
+            return
+        self._last_activity = anyio.current_time()
+        self._counters.connections += 1
+        reader.decoder.max_payload = self._chunk_size
+        conn.index = hello.conn_index
+        old = self._conns.get(conn.index)
+        if old is not None:
+            log.info("connection %d from %s replaces a stale one", conn.index, conn.name)
+            old.scope.cancel()
+            self._counters.reconnects += 1
+        self._conns[conn.index] = conn
+        log.info("connection %d from %s accepted", conn.index, conn.name)
+        with conn.scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._conn_sender, conn, tg.cancel_scope)
+                await self._receive_loop(conn, reader)
+                tg.cancel_scope.cancel()
+
+    async def _conn_sender(self, conn: _Conn, scope: anyio.CancelScope) -> None:
+        try:
+            await conn.sender(lambda: self._written)
+        except STREAM_ERRORS as exc:
+            log.warning("connection %d from %s broke: %s", conn.index, conn.name, exc)
+            conn.closed = True
+            scope.cancel()
+
+    async def _receive_loop(self, conn: _Conn, reader: FrameReader) -> None:
+        assert self._pool is not None
+        pool = self._pool
+        while True:
+            event = await reader.next_event()
+            self._last_activity = anyio.current_time()
+            if isinstance(event, DataHeader):
+                buf = pool.get()
+                try:
+                    view = memoryview(buf)[: event.length]
+                    await reader.read_payload_into(view)
+                    if self._checksum and zlib.crc32(view) != event.checksum:
+                        raise LinkBroken(f"checksum mismatch in chunk {event.seq}; discarded")
+                except BaseException:
+                    pool.put(buf)
+                    raise
+                self._file_chunk(event.seq, buf, event.length, conn)
+                conn.queue(event.seq)
+            elif isinstance(event, Bye):
+                await self._finish(conn, event)
+                return
+            elif isinstance(event, Error):
+                raise RemoteFailure(f"the transmitter aborted: {event.message}")
+            elif isinstance(event, ConnectionClosed):
+                log.info("connection %d from %s closed", conn.index, conn.name)
+                return
+            else:  # pragma: no cover - Data only comes from non-streaming decoders
+                assert isinstance(event, Data)
+                raise ProtocolError("unexpected whole DATA event")
+
+    def _file_chunk(self, seq: int, buf: bytearray, length: int, conn: _Conn) -> None:
+        assert self._pool is not None
+        if seq < self._written or seq in self._reorder:
+            self._counters.duplicates += 1
+            self._pool.put(buf)
+            return
+        if seq >= self._written + self._window:
+            self._pool.put(buf)
+            raise ProtocolError(
+                f"chunk {seq} is beyond the window ({self._written} + {self._window})"
+            )
+        self._reorder[seq] = (buf, length, conn)
+        if seq == self._written:
+            self._arrived.notify()
+
+    async def _finish(self, conn: _Conn, bye: Bye) -> None:
+        missing = [s for s in range(self._written, bye.chunks) if s not in self._reorder]
+        if missing or bye.chunks < self._written:
+            raise TruncatedStream(
+                f"the transmitter ended the stream at {bye.chunks} chunks but "
+                f"{len(missing) or 'extra'} chunks disagree; output is incomplete"
+            )
+        while self._written < bye.chunks:
+            await self._progress.wait()
+        if self._counters.nbytes != bye.nbytes:
+            raise TruncatedStream(
+                f"wrote {self._counters.nbytes} bytes, the transmitter sent {bye.nbytes}"
+            )
+        await self._sink.flush()
+        self._succeeded = True
+        conn.queue(encode(ByeOk(bye.chunks, bye.nbytes)))
+        with anyio.move_on_after(HANDSHAKE_TIMEOUT):
+            while not conn.idle and not conn.closed:
+                await conn.drained.wait()
+        log.debug("BYE_OK sent after %d bytes", bye.nbytes)
+        self._complete.set()
+
+    # -- the writer ----------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        sink = self._sink
+        while True:
+            while self._written not in self._reorder:
+                await self._arrived.wait()
+            seq = self._written
+            buf, length, conn = self._reorder.pop(seq)
+            await sink.write(memoryview(buf)[:length])
+            assert self._pool is not None
+            self._pool.put(buf)
+            self._written = seq + 1
+            self._counters.nbytes += length
+            self._counters.chunks += 1
+            self._progress.notify()
+            # Tell the transmitter the window moved, on a connection that still lives.
+            target = conn if not conn.closed else next(
+                (c for c in self._conns.values() if not c.closed), None
+            )
+            if target is not None:
+                target.queue(seq)
+
+
+_REASONS: dict[WelcomeStatus, str] = {
+    WelcomeStatus.BAD_VERSION: "unsupported protocol version",
+    WelcomeStatus.BAD_CHECKPHRASE: "wrong checkphrase",
+    WelcomeStatus.WRONG_SESSION: "it belongs to another session (a second or stale transmitter)",
+    WelcomeStatus.BAD_PARAMETERS: "chunk size, window or features out of bounds",
+    WelcomeStatus.SESSION_OVER: "the session is already complete",
+}
+
+
+async def _close(stream: Any) -> None:
+    with anyio.CancelScope(shield=True):
+        try:
+            await stream.aclose()
+        except Exception:  # noqa: BLE001 - closing a dead stream may fail in many ways
+            pass
