@@ -45,7 +45,7 @@ async def send(
     window: int | None = None,
     checksum: bool = False,
     checkphrase: str = DEFAULT_CHECKPHRASE,
-    timeout: float = DEFAULT_TIMEOUT,
+    idle_timeout: float = DEFAULT_TIMEOUT,
 ) -> TransferStats:
     """Send everything ``source`` yields to the receiver(s) at ``targets``.
 
@@ -70,7 +70,7 @@ async def send(
         window=window,
         checksum=checksum,
         checkphrase=checkphrase,
-        timeout=timeout,
+        idle_timeout=idle_timeout,
         describe=lambda i: f"connection {i} to {plan[i][0]}:{plan[i][1]}",
     )
     return await tx.run()
@@ -82,7 +82,7 @@ async def receive(
     *,
     host: str | None = None,
     checkphrase: str = DEFAULT_CHECKPHRASE,
-    timeout: float = DEFAULT_TIMEOUT,
+    idle_timeout: float = DEFAULT_TIMEOUT,
     task_status: TaskStatus[int] = TASK_STATUS_IGNORED,
 ) -> TransferStats:
     """Listen on ``port`` and write one session's stream, in order, to ``sink``.
@@ -93,7 +93,7 @@ async def receive(
     listener = listen(port, host)
     try:
         task_status.started(listener.port)
-        receiver = Receiver(sink, checkphrase=checkphrase, timeout=timeout)
+        receiver = Receiver(sink, checkphrase=checkphrase, idle_timeout=idle_timeout)
         return await receiver.serve(listener)
     finally:
         await listener.aclose()

@@ -12,9 +12,10 @@ success only after a BYE whose totals match what was written and flushed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 import anyio
@@ -24,7 +25,6 @@ from .errors import (
     LinkBroken,
     LocalIOError,
     PeerTimeout,
-    ProtocolViolation,
     RemoteFailure,
     TruncatedStream,
     ViamillipedeError,
@@ -116,13 +116,13 @@ class Receiver:
         sink: Sink,
         *,
         checkphrase: str = DEFAULT_CHECKPHRASE,
-        timeout: float = DEFAULT_TIMEOUT,
+        idle_timeout: float = DEFAULT_TIMEOUT,
         max_chunk_size: int = MAX_CHUNK_SIZE,
         max_buffer: int = MAX_RECEIVER_BUFFER,
     ) -> None:
         self._sink = sink
         self._checkphrase = encode_checkphrase(checkphrase)
-        self._timeout = timeout
+        self._timeout = idle_timeout
         self._max_chunk_size = max_chunk_size
         self._max_buffer = max_buffer
 
@@ -161,7 +161,7 @@ class Receiver:
         return await self.run(accept_loop)
 
     async def run(
-        self, feeder: Callable[[anyio.abc.TaskGroup], Awaitable[None]] | None = None
+        self, feeder: Callable[[anyio.abc.TaskGroup], Coroutine[Any, Any, None]] | None = None
     ) -> TransferStats:
         """Run the session; ``feeder`` (if any) starts :meth:`handle` tasks in the group.
 
@@ -441,8 +441,6 @@ _REASONS: dict[WelcomeStatus, str] = {
 
 
 async def _close(stream: Any) -> None:
-    with anyio.CancelScope(shield=True):
-        try:
-            await stream.aclose()
-        except Exception:  # noqa: BLE001 - closing a dead stream may fail in many ways
-            pass
+    # Closing a dead stream may fail in many ways; none of them matter any more.
+    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+        await stream.aclose()

@@ -144,7 +144,7 @@ class Transmitter:
         window: int | None = None,
         checksum: bool = False,
         checkphrase: str = DEFAULT_CHECKPHRASE,
-        timeout: float = DEFAULT_TIMEOUT,
+        idle_timeout: float = DEFAULT_TIMEOUT,
         describe: Callable[[int], str] | None = None,
         session_id: bytes | None = None,
     ) -> None:
@@ -158,7 +158,7 @@ class Transmitter:
         self._checksum = checksum
         self._checkphrase_text = checkphrase
         self._checkphrase = encode_checkphrase(checkphrase)
-        self._timeout = timeout
+        self._timeout = idle_timeout
         self._describe = describe or (lambda i: f"connection {i}")
         self.session_id = session_id if session_id is not None else os.urandom(16)
         self._features = int(Feature.CHECKSUM_CRC32) if checksum else 0
@@ -245,8 +245,9 @@ class Transmitter:
             view = memoryview(buf)
             n = 0
             eof = False
+            end = DATA_HEADER_SIZE + size
             while n < size:
-                got = await self._source.readinto(view[DATA_HEADER_SIZE + n : DATA_HEADER_SIZE + size])
+                got = await self._source.readinto(view[DATA_HEADER_SIZE + n : end])
                 if got == 0:
                     eof = True
                     break
@@ -365,7 +366,7 @@ class Transmitter:
                         inflight.add(item.seq)
                         item.sending += 1
                         try:
-                            await stream.send(item.frame())
+                            await stream.send(item.frame())  # type: ignore[arg-type]  # any buffer works
                         finally:
                             item.sending -= 1
                             if item.acked and item.sending == 0:
@@ -382,8 +383,8 @@ class Transmitter:
                 if bye_here:
                     self._outbox.put_bye()
         if broken:
-            exc = broken[0]
-            raise LinkBroken(str(exc) or type(exc).__name__)
+            first = broken[0]
+            raise LinkBroken(str(first) or type(first).__name__)
 
     def _check_welcome(self, welcome: object) -> None:
         if isinstance(welcome, Error):

@@ -234,12 +234,12 @@ class TcpListener:
 
 def listen(port: int, host: str | None = None) -> TcpListener:
     """Bind and listen.  ``host=None`` means every address, IPv6 and IPv4."""
-    candidates: list[tuple[int, str]]
+    candidates: list[tuple[socket.AddressFamily, str]]
     if host is None:
         candidates = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
     else:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        candidates = [(info[0], info[4][0]) for info in infos]
+        candidates = [(info[0], str(info[4][0])) for info in infos]
     last: OSError | None = None
     for family, addr in candidates:
         try:

@@ -19,7 +19,7 @@ Two ways to take DATA payloads:
 from __future__ import annotations
 
 from enum import Enum
-from typing import Final
+from typing import Any, Final
 
 from construct import ConstructError
 
@@ -42,7 +42,6 @@ from .frames import (
     BYE_BODY,
     BYE_OK_BODY,
     DATA_HEADER,
-    DATA_HEADER_SIZE,
     ERROR_BODY,
     FIXED_SIZE,
     HELLO_BODY,
@@ -100,15 +99,15 @@ class Decoder:
     """
 
     __slots__ = (
+        "_allowed",
         "_buf",
         "_eof",
         "_opening",
-        "_allowed",
+        "_pending_header",
         "_pos",
         "_remaining",
         "_state",
         "_stream_payload",
-        "_pending_header",
         "max_payload",
     )
 
@@ -321,44 +320,41 @@ def encode_ack(seq: int, written: int) -> bytes:
     return ACK_FRAME.pack(T_ACK, seq, written)
 
 
+def _build(body: Any, ftype: int, fields: dict[str, Any]) -> bytes:
+    return bytes([ftype]) + bytes(body.build(fields))
+
+
 def encode(event: Event) -> bytes:
     """The bytes of one frame.  DATA payloads are concatenated here: fine for tests and small
     frames; the transmitter's hot path uses :func:`pack_data_header` instead."""
     if isinstance(event, Hello):
-        return bytes([T_HELLO]) + HELLO_BODY.build(
-            {
-                "version": event.version,
-                "checkphrase": event.checkphrase,
-                "session_id": event.session_id,
-                "conn_index": event.conn_index,
-                "chunk_size": event.chunk_size,
-                "window": event.window,
-                "features": event.features,
-            }
-        )
+        fields = {
+            "version": event.version,
+            "checkphrase": event.checkphrase,
+            "session_id": event.session_id,
+            "conn_index": event.conn_index,
+            "chunk_size": event.chunk_size,
+            "window": event.window,
+            "features": event.features,
+        }
+        return _build(HELLO_BODY, T_HELLO, fields)
     if isinstance(event, Welcome):
-        return bytes([T_WELCOME]) + WELCOME_BODY.build(
-            {"status": event.status, "session_id": event.session_id, "written": event.written}
-        )
+        fields = {"status": event.status, "session_id": event.session_id, "written": event.written}
+        return _build(WELCOME_BODY, T_WELCOME, fields)
     if isinstance(event, Data):
-        header = BODIES[T_DATA].build(
-            {"seq": event.seq, "length": len(event.payload), "checksum": event.checksum}
-        )
-        return bytes([T_DATA]) + header + event.payload
+        fields = {"seq": event.seq, "length": len(event.payload), "checksum": event.checksum}
+        return _build(BODIES[T_DATA], T_DATA, fields) + event.payload
     if isinstance(event, DataHeader):
-        return bytes([T_DATA]) + BODIES[T_DATA].build(
-            {"seq": event.seq, "length": event.length, "checksum": event.checksum}
-        )
+        fields = {"seq": event.seq, "length": event.length, "checksum": event.checksum}
+        return _build(BODIES[T_DATA], T_DATA, fields)
     if isinstance(event, Ack):
-        return bytes([T_ACK]) + BODIES[T_ACK].build({"seq": event.seq, "written": event.written})
+        return _build(BODIES[T_ACK], T_ACK, {"seq": event.seq, "written": event.written})
     if isinstance(event, Bye):
-        return bytes([T_BYE]) + BYE_BODY.build({"chunks": event.chunks, "nbytes": event.nbytes})
+        return _build(BYE_BODY, T_BYE, {"chunks": event.chunks, "nbytes": event.nbytes})
     if isinstance(event, ByeOk):
-        return bytes([T_BYE_OK]) + BYE_OK_BODY.build(
-            {"chunks": event.chunks, "nbytes": event.nbytes}
-        )
+        return _build(BYE_OK_BODY, T_BYE_OK, {"chunks": event.chunks, "nbytes": event.nbytes})
     if isinstance(event, Error):
         # Cut at a character boundary: a split UTF-8 sequence would not be valid text.
         text = event.message.encode("utf-8")[:MAX_ERROR_TEXT].decode("utf-8", "ignore").encode()
-        return bytes([T_ERROR]) + ERROR_BODY.build({"code": event.code, "length": len(text)}) + text
+        return _build(ERROR_BODY, T_ERROR, {"code": event.code, "length": len(text)}) + text
     raise TypeError(f"cannot encode {event!r}")

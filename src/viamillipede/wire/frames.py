@@ -118,7 +118,7 @@ BODIES = {
 }
 
 #: Type byte + fixed body, by type code.
-FIXED_SIZE = {t: 1 + body.sizeof() for t, body in BODIES.items()}
+FIXED_SIZE: dict[int, int] = {t: 1 + int(body.sizeof()) for t, body in BODIES.items()}
 
 #: Longest ERROR text accepted, so that a hostile peer cannot make us buffer much.
 MAX_ERROR_TEXT = 1024
@@ -129,5 +129,5 @@ DATA_HEADER_SIZE = DATA_HEADER.size
 #: Fast path for the receiver's ACK frames.
 ACK_FRAME = struct.Struct("!BQQ")
 
-assert DATA_HEADER_SIZE == FIXED_SIZE[T_DATA]
-assert ACK_FRAME.size == FIXED_SIZE[T_ACK]
+assert FIXED_SIZE[T_DATA] == DATA_HEADER_SIZE
+assert FIXED_SIZE[T_ACK] == ACK_FRAME.size
