@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import anyio
 import anyio.abc
 
@@ -16,6 +19,29 @@ STREAM_ERRORS = (
     anyio.EndOfStream,
     ConnectionError,
 )
+
+
+@contextmanager
+def first_error() -> Iterator[None]:
+    """Re-raise the first real error out of a task group's exception group.
+
+    Task groups wrap even a single failure in an ExceptionGroup; the session code reasons about
+    one failure at a time (a broken link, a fatal error), so it unwraps here.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        real = [e for e in leaves if not isinstance(e, anyio.get_cancelled_exc_class())]
+        raise (real or leaves)[0] from None
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
 
 
 class Notifier:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
@@ -29,7 +30,7 @@ from .errors import (
     TruncatedStream,
     ViamillipedeError,
 )
-from .framing import STREAM_ERRORS, BufferPool, FrameReader, Notifier
+from .framing import STREAM_ERRORS, BufferPool, FrameReader, Notifier, first_error
 from .options import (
     DEFAULT_CHECKPHRASE,
     DEFAULT_TIMEOUT,
@@ -279,6 +280,7 @@ class Receiver:
         ):
             return WelcomeStatus.BAD_PARAMETERS
         self.session_id = hello.session_id
+        self._counters.started = time.monotonic()
         self._chunk_size = hello.chunk_size
         self._window = hello.window
         self._features = hello.features
@@ -326,7 +328,7 @@ class Receiver:
             self._counters.reconnects += 1
         self._conns[conn.index] = conn
         log.info("connection %d from %s accepted", conn.index, conn.name)
-        with conn.scope:
+        with conn.scope, first_error():
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._conn_sender, conn, tg.cancel_scope)
                 await self._receive_loop(conn, reader)
@@ -415,8 +417,10 @@ class Receiver:
             while self._written not in self._reorder:
                 await self._arrived.wait()
             seq = self._written
-            buf, length, conn = self._reorder.pop(seq)
+            # Stays in the reorder buffer while being written, so BYE sees it as present.
+            buf, length, conn = self._reorder[seq]
             await sink.write(memoryview(buf)[:length])
+            del self._reorder[seq]
             assert self._pool is not None
             self._pool.put(buf)
             self._written = seq + 1

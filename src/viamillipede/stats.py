@@ -28,7 +28,7 @@ class TransferStats:
     def summary(self) -> str:
         mb = self.nbytes / 1e6
         return (
-            f"{self.role}: {self.nbytes} bytes ({mb:.1f} MB) in {self.chunks} chunks, "
+            f"{self.nbytes} bytes ({mb:.1f} MB) in {self.chunks} chunks, "
             f"{self.elapsed:.2f} s, {self.rate / 1e6:.1f} MB/s; connections {self.connections}, "
             f"reconnects {self.reconnects}, retransmits {self.retransmits}, "
             f"duplicates {self.duplicates}, rejected {self.rejected}"

@@ -31,7 +31,7 @@ from .errors import (
     TruncatedStream,
     ViamillipedeError,
 )
-from .framing import STREAM_ERRORS, BufferPool, FrameReader, Notifier
+from .framing import STREAM_ERRORS, BufferPool, FrameReader, Notifier, first_error
 from .options import (
     DEFAULT_CHECKPHRASE,
     DEFAULT_CHUNK_SIZE,
@@ -341,50 +341,42 @@ class Transmitter:
         self._on_ack(-1, welcome.written)
 
         inflight: set[int] = set()
-        bye_here = False
-        broken: list[BaseException] = []
+        bye_sent: list[bool] = []
         try:
-            async with anyio.create_task_group() as tg:
-
-                async def ack_reader() -> None:
-                    try:
-                        await self._read_acks(reader, inflight)
-                    except (LinkBroken, ProtocolError, *STREAM_ERRORS) as exc:
-                        broken.append(exc)
-                        tg.cancel_scope.cancel()
-                    except ViamillipedeError as exc:
-                        self._fail(exc)
-
-                tg.start_soon(ack_reader)
-                try:
-                    while True:
-                        item = await self._outbox.get()
-                        if isinstance(item, _Bye):
-                            bye_here = True
-                            await stream.send(encode(Bye(self._total_chunks, self._total_bytes)))
-                            continue
-                        inflight.add(item.seq)
-                        item.sending += 1
-                        try:
-                            await stream.send(item.frame())  # type: ignore[arg-type]  # any buffer works
-                        finally:
-                            item.sending -= 1
-                            if item.acked and item.sending == 0:
-                                self._pool.put(item.buf)
-                except STREAM_ERRORS as exc:
-                    broken.append(exc)
-                    tg.cancel_scope.cancel()
+            with first_error():
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._read_acks, reader, inflight)
+                    await self._send_chunks(stream, inflight, bye_sent)
+        except (ProtocolError, *STREAM_ERRORS) as exc:
+            raise LinkBroken(str(exc) or type(exc).__name__) from exc
         finally:
             if not self._done.is_set():
                 lost = [self._unacked[s] for s in inflight if s in self._unacked]
                 if lost:
                     self._counters.retransmits += len(lost)
                     self._outbox.requeue(lost)
-                if bye_here:
+                if bye_sent:
                     self._outbox.put_bye()
-        if broken:
-            first = broken[0]
-            raise LinkBroken(str(first) or type(first).__name__)
+
+    async def _send_chunks(
+        self, stream: anyio.abc.ByteStream, inflight: set[int], bye_sent: list[bool]
+    ) -> None:
+        """Take chunks from the outbox and send them, until the connection fails."""
+        while True:
+            item = await self._outbox.get()
+            if isinstance(item, _Bye):
+                bye_sent.append(True)
+                await stream.send(encode(Bye(self._total_chunks, self._total_bytes)))
+                continue
+            # Recorded before sending: if the send fails half-way, the chunk is re-queued.
+            inflight.add(item.seq)
+            item.sending += 1
+            try:
+                await stream.send(item.frame())  # type: ignore[arg-type]  # any buffer works
+            finally:
+                item.sending -= 1
+                if item.acked and item.sending == 0:
+                    self._pool.put(item.buf)
 
     def _check_welcome(self, welcome: object) -> None:
         if isinstance(welcome, Error):

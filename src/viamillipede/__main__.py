@@ -1,0 +1,7 @@
+"""``python -m viamillipede``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,300 @@
+"""The command line: the original keyword grammar plus ordinary ``--flags``, over the library.
+
+Parsing is hand-written rather than argparse because the seed grammar is positional keywords in
+any order (``tx HOST PORT`` repeated, ``checksum`` as a bare word) which argparse cannot express,
+and because both spellings must land in one config with one set of error messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from . import __version__
+from .errors import ExitCode, UsageError, ViamillipedeError
+from .options import (
+    DEFAULT_CHECKPHRASE,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_THREADS,
+    DEFAULT_TIMEOUT,
+    MAX_CHUNK_SIZE,
+    MAX_THREADS,
+    MIN_CHUNK_SIZE,
+)
+
+PROG = "viamillipede"
+
+HELP = f"""\
+usage: {PROG} rx PORT [options]
+       {PROG} tx HOST PORT [tx HOST PORT ...] [options]
+
+Carry a Unix pipe across the network over many parallel TCP connections.  The
+receiver writes the stream to stdout complete and in order; chunks are re-sent
+over other connections when one breaks, and nothing but the stream is ever
+written to stdout.
+
+Examples:
+  # on the receiving host (start it first, or within the timeout):
+  {PROG} rx 8834 | zfs recv tank/fs
+  # on the sending host, over two links in preference order, 8 connections:
+  zfs send pool/fs@snap | {PROG} tx backup1 8834 tx backup1-10g 8834 threads 8
+  # verify every chunk with a checksum and use a private checkphrase:
+  tar cf - dir | {PROG} tx host 8834 checksum checkphrase wat!
+  {PROG} rx 8834 checksum checkphrase wat! > dir.tar
+  # a loopback smoke test:
+  {PROG} rx 8834 > /tmp/copy & {PROG} tx localhost 8834 < /etc/services
+
+Words (the original grammar, any order) and their --flag spellings:
+  rx PORT             --rx PORT          receive: listen on PORT (IPv6 and IPv4)
+  tx HOST PORT        --tx HOST PORT     transmit to HOST:PORT; repeat for more
+                                         links, preferred first; a target named
+                                         twice gets twice the connections
+  threads N           --threads N        parallel connections (1-{MAX_THREADS}, default {DEFAULT_THREADS})
+  checksum            --checksum         CRC-32 on every chunk, checked before it is
+                                         written (the receiver follows the sender)
+  checkphrase XXXX    --checkphrase XXXX 4 characters both ends must agree on
+                                         (default "{DEFAULT_CHECKPHRASE}")
+  timeout SECONDS     --timeout SECONDS  give up after this long without progress
+                                         (default {DEFAULT_TIMEOUT:g})
+  verbose N           --verbose N, -v    0 errors only, 1 warnings and a summary
+                                         (default), 2 connection events, 3 debug
+  chaos SEED          --chaos SEED       accepted; fault injection is not active yet
+                      --chunk-size BYTES chunk size, e.g. 512K, 2M (default 2M)
+                      --listen ADDR      rx only: listen on ADDR instead of all
+                      --quiet, -q        same as verbose 0
+                      --help, -h         this text
+                      --version          print the version
+
+Exit status:
+  0 success: every byte written and confirmed     5 stream ended early / totals differ
+  2 bad command line                              6 local input or output failed
+  3 peer rejected (checkphrase, session, version) 7 the peer aborted (e.g. its output failed)
+  4 no progress within the timeout                8 protocol violation
+  1 other failure                               130 interrupted
+"""
+
+
+@dataclass
+class Config:
+    """Everything the command line can say, in one place."""
+
+    mode: str = ""
+    port: int = 0
+    listen: str | None = None
+    targets: list[tuple[str, int]] = field(default_factory=list)
+    threads: int = DEFAULT_THREADS
+    verbose: int = 1
+    checksum: bool = False
+    checkphrase: str = DEFAULT_CHECKPHRASE
+    chaos: int | None = None
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    timeout: float = DEFAULT_TIMEOUT
+
+
+def _int(word: str, value: str, low: int, high: int) -> int:
+    try:
+        n = int(value, 10)
+    except ValueError:
+        raise UsageError(f"{word} needs a whole number, got {value!r}") from None
+    if not low <= n <= high:
+        raise UsageError(f"{word} must be between {low} and {high}, got {n}")
+    return n
+
+
+def _port(word: str, value: str) -> int:
+    return _int(f"{word} port", value, 1, 65535)
+
+
+def _size(word: str, value: str) -> int:
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    text = value.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = 1
+    if text and text[-1] in units:
+        mult = units[text[-1]]
+        text = text[:-1]
+    try:
+        n = int(text, 10) * mult
+    except ValueError:
+        raise UsageError(f"{word} needs a size like 2M or 524288, got {value!r}") from None
+    if not MIN_CHUNK_SIZE <= n <= MAX_CHUNK_SIZE:
+        raise UsageError(f"{word} must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes")
+    return n
+
+
+def _seconds(word: str, value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise UsageError(f"{word} needs a number of seconds, got {value!r}") from None
+    if not 0.1 <= s <= 86400 * 7:
+        raise UsageError(f"{word} must be between 0.1 and 604800 seconds")
+    return s
+
+
+class _Words:
+    def __init__(self, argv: Sequence[str]) -> None:
+        self._argv = list(argv)
+        self._i = 0
+
+    def __bool__(self) -> bool:
+        return self._i < len(self._argv)
+
+    def next(self) -> str:
+        word = self._argv[self._i]
+        self._i += 1
+        return word
+
+    def value(self, word: str, what: str) -> str:
+        if not self:
+            raise UsageError(f"{word} needs {what}")
+        return self.next()
+
+
+def parse(argv: Sequence[str]) -> Config | str:
+    """Parse arguments into a Config, or return text to print (``--help``, ``--version``)."""
+    cfg = Config()
+    words = _Words(argv)
+    rx_seen = False
+
+    def set_mode(mode: str) -> None:
+        if cfg.mode and cfg.mode != mode:
+            raise UsageError("use either rx or tx, not both")
+        cfg.mode = mode
+
+    while words:
+        raw = words.next()
+        inline: str | None = None
+        if raw.startswith("--") and "=" in raw:
+            raw, inline = raw.split("=", 1)
+        word = raw[2:] if raw.startswith("--") else raw
+
+        def arg(what: str, *, _w: str = raw, _inline: str | None = inline) -> str:
+            return _inline if _inline is not None else words.value(_w, what)
+
+        if raw in ("-h", "--help", "help"):
+            return HELP
+        if raw == "--version":
+            return f"{PROG} {__version__}"
+        if raw in ("-q", "--quiet"):
+            cfg.verbose = 0
+        elif raw == "-v":
+            cfg.verbose += 1
+        elif word == "rx":
+            set_mode("rx")
+            if rx_seen:
+                raise UsageError("rx can be given only once")
+            rx_seen = True
+            cfg.port = _port("rx", arg("a PORT"))
+        elif word == "tx":
+            set_mode("tx")
+            if inline is not None and ":" in inline:
+                host, _, port = inline.rpartition(":")
+            else:
+                host = arg("HOST and PORT")
+                port = words.value(raw, "a PORT after the host")
+            if not host:
+                raise UsageError("tx needs a HOST")
+            cfg.targets.append((host.strip("[]"), _port("tx", port)))
+        elif word == "threads":
+            cfg.threads = _int("threads", arg("a number"), 1, MAX_THREADS)
+        elif word == "verbose":
+            cfg.verbose = _int("verbose", arg("a level"), 0, 9)
+        elif word in ("checksum", "checksums"):
+            cfg.checksum = True
+        elif word == "checkphrase":
+            phrase = arg("4 characters")
+            if len(phrase.encode("utf-8")) != 4:
+                raise UsageError(f"checkphrase must be exactly 4 bytes, got {phrase!r}")
+            cfg.checkphrase = phrase
+        elif word == "chaos":
+            cfg.chaos = _int("chaos", arg("a seed"), 0, 2**63 - 1)
+        elif word == "timeout":
+            cfg.timeout = _seconds("timeout", arg("seconds"))
+        elif raw == "--chunk-size":
+            cfg.chunk_size = _size("--chunk-size", arg("a size"))
+        elif raw == "--listen":
+            cfg.listen = arg("an address")
+        else:
+            hint = "" if raw.startswith("-") else " (words: rx, tx, threads, checksum, ...)"
+            raise UsageError(f"unknown argument {raw!r}{hint}; see --help")
+    if not cfg.mode:
+        raise UsageError("say what to do: rx PORT or tx HOST PORT; see --help")
+    if cfg.listen is not None and cfg.mode != "rx":
+        raise UsageError("--listen goes with rx")
+    return cfg
+
+
+NOTE = 25
+logging.addLevelName(NOTE, "NOTE")
+
+
+def _setup_logging(cfg: Config) -> logging.Logger:
+    levels = {0: logging.ERROR, 1: NOTE, 2: logging.INFO}
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG} {cfg.mode}: %(message)s"))
+    root = logging.getLogger("viamillipede")
+    root.handlers[:] = [handler]
+    root.setLevel(levels.get(cfg.verbose, logging.DEBUG))
+    root.propagate = False
+    return root
+
+
+def _run(cfg: Config, log: logging.Logger) -> None:
+    # Imported here: the import of trio/anyio costs ~0.1 s that --help should not pay.
+    import anyio
+
+    from .api import receive, send
+    from .transport import FdSink, FdSource
+
+    if cfg.chaos is not None:
+        log.warning("chaos %d accepted, but fault injection is not active in this version",
+                    cfg.chaos)
+
+    async def main() -> None:
+        if cfg.mode == "rx":
+            sink = FdSink(sys.stdout.fileno())
+            try:
+                stats = await receive(sink, cfg.port, host=cfg.listen,
+                                      checkphrase=cfg.checkphrase, idle_timeout=cfg.timeout)
+            finally:
+                await sink.aclose()
+        else:
+            source = FdSource(sys.stdin.fileno())
+            try:
+                stats = await send(source, cfg.targets, threads=cfg.threads,
+                                   chunk_size=cfg.chunk_size, checksum=cfg.checksum,
+                                   checkphrase=cfg.checkphrase, idle_timeout=cfg.timeout)
+            finally:
+                await source.aclose()
+        log.log(NOTE, "%s", stats.summary())
+
+    anyio.run(main, backend="trio")
+
+
+def main(argv: Sequence[str] | None = None, *, run: Callable[[Config, logging.Logger], None]
+         = _run) -> int:
+    """Entry point of the ``viamillipede`` command; returns the exit status."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        parsed = parse(args)
+    except UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return int(ExitCode.USAGE)
+    if isinstance(parsed, str):
+        print(parsed)
+        return 0
+    log = _setup_logging(parsed)
+    try:
+        run(parsed, log)
+    except ViamillipedeError as exc:
+        log.error("error: %s", exc)
+        return int(exc.exit_code)
+    except OSError as exc:  # listening failed, stdin/stdout unusable
+        log.error("error: %s", exc.strerror or exc)
+        return int(ExitCode.LOCAL_IO)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return int(ExitCode.INTERRUPTED)
+    return 0
