@@ -51,7 +51,8 @@ Words (the original grammar, any order) and their --flag spellings:
   tx HOST PORT        --tx HOST PORT     transmit to HOST:PORT; repeat for more
                                          links, preferred first; a target named
                                          twice gets twice the connections
-  threads N           --threads N        parallel connections (1-{MAX_THREADS}, default {DEFAULT_THREADS})
+  threads N           --threads N        parallel connections, 1-{MAX_THREADS}
+                                         (default {DEFAULT_THREADS})
   checksum            --checksum         CRC-32 on every chunk, checked before it is
                                          written (the receiver follows the sender)
   checkphrase XXXX    --checkphrase XXXX 4 characters both ends must agree on
