@@ -1,0 +1,662 @@
+#!/usr/bin/env python3
+"""Loopback throughput of viamillipede against nc, measured in the same run.
+
+Every round runs every configuration once (interleaved), so slow drift of the machine hits all
+configurations alike; the table reports medians over rounds.  See bench/README.md.
+
+Standard library only, so it runs with any python3 >= 3.11, in or out of the project's venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+MiB = 1 << 20
+BLOCK = 16 * MiB  # input generation block
+LISTEN_STATE = "0A"  # TCP_LISTEN in /proc/net/tcp{,6}
+_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``1073741824``, ``256M``, ``1G``, ``1GiB``, ``512k``, ``1.5G`` -> bytes (binary suffixes)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256M, 1G, 1048576)")
+    n = int(float(m.group(1)) * _SUFFIX[m.group(2).upper()])
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return n
+
+
+def parse_int_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text!r}"
+        ) from None
+    if not out or any(x <= 0 for x in out):
+        raise argparse.ArgumentTypeError(f"need positive integers: {text!r}")
+    return out
+
+
+def parse_size_list(text: str) -> list[int]:
+    return [parse_size(x) for x in text.split(",") if x.strip()]
+
+
+def human_bytes(n: int) -> str:
+    for unit, mult in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return f"{n}B"
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def tcp_sockets() -> list[tuple[int, str]]:
+    """(local port, state hex) of every TCP socket in this network namespace, v4 and v6."""
+    out = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > 3:
+                        out.append((int(parts[1].rsplit(":", 1)[1], 16), parts[3]))
+        except OSError:
+            continue
+    return out
+
+
+def is_listening(port: int) -> bool:
+    # Read the kernel's socket table instead of connecting: a probe connection would be a
+    # stray client that the receiver has to reject (or, for nc, would eat the one accept).
+    return any(p == port and st == LISTEN_STATE for p, st in tcp_sockets())
+
+
+class PortPool:
+    """Hands out base, base+1, ... skipping any port that has a socket in any state (a
+    listener, an ephemeral client port, TIME_WAIT leftovers)."""
+
+    def __init__(self, base: int) -> None:
+        self.next = base
+
+    def take(self) -> int:
+        used = {p for p, _ in tcp_sockets()}
+        while self.next in used:
+            self.next += 1
+        if self.next > 65535:
+            raise RuntimeError("ran out of ports; choose a lower --port")
+        port, self.next = self.next, self.next + 1
+        return port
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclass
+class Config:
+    name: str
+    rx: list[str]  # argv with {port} placeholders
+    tx: list[str]
+    runs: list[Run] = field(default_factory=list)
+
+    def argv(self, which: str, port: int) -> list[str]:
+        return [a.format(port=port) for a in (self.rx if which == "rx" else self.tx)]
+
+
+@dataclass
+class Run:
+    round: int
+    ok: bool
+    seconds: float = 0.0
+    mbps: float = 0.0
+    rss_tx_mib: float = 0.0
+    rss_rx_mib: float = 0.0
+    error: str = ""
+
+
+def build_configs(args: argparse.Namespace, vm: list[str] | None) -> list[Config]:
+    nc = args.nc
+    configs = [
+        Config(
+            "nc",
+            [nc, "-l", "127.0.0.1", "{port}"],
+            [nc, "-N", "127.0.0.1", "{port}"],
+        )
+    ]
+    if vm is not None:
+        for checksum in [False, True] if args.checksum else [False]:
+            for t in args.threads:
+                for cs in args.chunk_sizes or [None]:
+                    name = f"viamillipede t{t}"
+                    extra = ["threads", str(t)]
+                    if cs is not None:
+                        name += f" c{human_bytes(cs)}"
+                    if checksum:
+                        name += " checksum"
+                        extra.append("checksum")
+                    tx_extra = [*extra, "--chunk-size", str(cs)] if cs is not None else extra
+                    configs.append(
+                        Config(
+                            name,
+                            [*vm, "rx", "{port}", *extra],
+                            [*vm, "tx", "127.0.0.1", "{port}", *tx_extra],
+                        )
+                    )
+    if args.c_original:
+        c = args.c_original
+        configs.append(
+            Config(
+                "C original t8",
+                [c, "rx", "{port}"],
+                [c, "tx", "127.0.0.1", "{port}", "threads", "8"],
+            )
+        )
+    return configs
+
+
+def default_viamillipede() -> str | None:
+    beside = Path(sys.executable).parent / "viamillipede"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("viamillipede")
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def vm_hwm_kib(status: bytes) -> int:
+    """VmHWM (peak RSS of the current address space) out of a /proc/PID/status text, KiB."""
+    m = re.search(rb"^VmHWM:\s+(\d+) kB", status, re.M)
+    return int(m.group(1)) if m else 0
+
+
+def reset_own_peak_rss() -> int:
+    """Lower this process's VmHWM to its current RSS (``clear_refs`` 5); returns the new VmHWM.
+
+    Why: Linux folds the parent's peak RSS into a child's ru_maxrss (fork copies it, and a
+    vfork child's execve folds in the shared mm's peak), so every child of this script reports
+    at least this script's peak, e.g. after the 16 MiB blocks of input generation."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    with open("/proc/self/status", "rb") as f:
+        return vm_hwm_kib(f.read())
+
+
+class Child:
+    """A started process reaped with os.wait4 (never Popen.wait) on its own thread, so that the
+    exit time is exact and ru_maxrss is at hand.
+
+    Peak RSS: ru_maxrss is exact when it is above ``floor_kib`` (this script's own peak when the
+    child was spawned, which Linux folds into the child's ru_maxrss).  At or below it, the child's
+    own peak is hidden, and the VmHWM sampled from /proc/PID/status every ``SAMPLE_S`` while it
+    runs (its own address space only) stands in: exact but for growth in its last moments.
+    nc sits below the floor; a Python viamillipede normally above it."""
+
+    SAMPLE_S = 0.02  # sampling interval, reached from 1 ms by doubling (short runs see some)
+
+    def __init__(self, argv: list[str], stdin: Any, stdout: Any, stderr: Any) -> None:
+        self.argv = argv
+        # Own session/process group: a timeout or Ctrl-C kills whatever the command started.
+        self.proc = subprocess.Popen(
+            argv, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True
+        )
+        with open("/proc/self/status", "rb") as f:
+            self.floor_kib = vm_hwm_kib(f.read())
+        self.exited_at: float | None = None
+        self.code: int | None = None
+        self.maxrss_kib = 0
+        self.sampled_hwm_kib = 0
+        # An open /proc/PID/status stays bound to this process, even if the pid is reused.
+        try:
+            self._status_fd: int | None = os.open(f"/proc/{self.proc.pid}/status", os.O_RDONLY)
+        except OSError:
+            self._status_fd = None
+        self._thread = threading.Thread(target=self._reap, daemon=True)
+        self._thread.start()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def _reap(self) -> None:
+        try:
+            _, status, usage = os.wait4(self.proc.pid, 0)
+        except ChildProcessError:  # somebody else reaped it; should not happen
+            self.exited_at = time.perf_counter()
+            self.code = -1
+            return
+        self.exited_at = time.perf_counter()
+        self.maxrss_kib = usage.ru_maxrss  # KiB on Linux
+        self.code = os.waitstatus_to_exitcode(status)
+        # Tell Popen, so that neither poll() nor its __del__ bookkeeping waits on a reaped pid.
+        self.proc.returncode = self.code
+
+    def _sample(self) -> None:
+        fd = self._status_fd
+        if fd is None:
+            return
+        delay = 0.001
+        try:
+            while self._thread.is_alive():
+                try:
+                    hwm = vm_hwm_kib(os.pread(fd, 8192, 0))
+                except OSError:  # gone
+                    break
+                self.sampled_hwm_kib = max(self.sampled_hwm_kib, hwm)
+                self._thread.join(delay)
+                delay = min(delay * 2, self.SAMPLE_S)
+        finally:
+            os.close(fd)
+
+    @property
+    def peak_rss_kib(self) -> int:
+        self._sampler.join(1)
+        if self.maxrss_kib > self.floor_kib:
+            return self.maxrss_kib
+        return self.sampled_hwm_kib
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float | None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def kill(self) -> None:
+        """SIGKILL its process group (leftovers too, if the command itself has exited)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._thread.join(10)
+        self._sampler.join(1)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+def wait_listening(port: int, rx: Child, timeout: float) -> str:
+    """'' once a LISTEN socket is on ``port``, else why not."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while time.monotonic() < deadline:
+        if is_listening(port):
+            return ""
+        if not rx.running():
+            return f"receiver exited with {rx.code} before listening"
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    return f"receiver not listening on port {port} after {timeout:.0f}s"
+
+
+def run_once(
+    cfg: Config,
+    rnd: int,
+    port: int,
+    args: argparse.Namespace,
+    input_path: Path,
+    input_sha: str | None,
+    workdir: Path,
+) -> Run:
+    size = args.size
+    out_path = workdir / f"out-{port}"
+    err_rx, err_tx = workdir / f"rx-{port}.err", workdir / f"tx-{port}.err"
+    sink = open(out_path if args.sink == "file" else os.devnull, "wb")  # noqa: SIM115
+    children: list[Child] = []
+    run = Run(rnd, ok=False)
+    reset_own_peak_rss()
+    try:
+        with open(err_rx, "wb") as erx, open(err_tx, "wb") as etx, open(input_path, "rb") as src:
+            rx = Child(cfg.argv("rx", port), subprocess.DEVNULL, sink, erx)
+            children.append(rx)
+            why = wait_listening(port, rx, args.listen_timeout)
+            if why:
+                run.error = why
+                return run
+            t0 = time.perf_counter()
+            tx = Child(cfg.argv("tx", port), src, subprocess.DEVNULL, etx)
+            children.append(tx)
+            deadline = time.monotonic() + args.timeout
+            for child in (tx, rx):
+                child.join(max(0.0, deadline - time.monotonic()))
+            if rx.running() or tx.running():
+                run.error = f"timeout after {args.timeout:.0f}s"
+                return run
+        assert tx.exited_at is not None and rx.exited_at is not None
+        run.seconds = max(tx.exited_at, rx.exited_at) - t0
+        run.mbps = size / run.seconds / 1e6
+        run.rss_tx_mib = tx.peak_rss_kib / 1024
+        run.rss_rx_mib = rx.peak_rss_kib / 1024
+        if tx.code != 0 or rx.code != 0:
+            run.error = f"exit codes tx={tx.code} rx={rx.code}"
+            return run
+        if args.sink == "file":
+            got = out_path.stat().st_size
+            if got != size:
+                run.error = f"output has {got} bytes, input {size}"
+                return run
+            if input_sha is not None and not any(r.ok for r in cfg.runs):  # first good round
+                sha = sha256_file(out_path)
+                if sha != input_sha:
+                    run.error = f"sha256 mismatch: output {sha[:16]}… input {input_sha[:16]}…"
+                    return run
+        run.ok = True
+        return run
+    finally:
+        for child in children:
+            child.kill()
+        sink.close()
+        if not run.ok:
+            for label, path in (("rx", err_rx), ("tx", err_tx)):
+                text = tail(path)
+                if text:
+                    run.error += f"\n  --- {label} stderr (tail) ---\n" + "\n".join(
+                        "  " + ln for ln in text.splitlines()
+                    )
+        for path in (out_path, err_rx, err_tx):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+# --------------------------------------------------------------------------- input
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_input(path: Path, size: int) -> str:
+    """Random (incompressible) data, os.urandom in 16 MiB blocks; returns its sha256."""
+    h = hashlib.sha256()
+    left = size
+    with open(path, "wb") as f:
+        while left:
+            block = os.urandom(min(BLOCK, left))
+            h.update(block)
+            f.write(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def name_width(configs: list[Config]) -> int:
+    return max(len(c.name) for c in configs)
+
+
+def report(configs: list[Config], verbose: bool, out: TextIO = sys.stdout) -> None:
+    w = name_width(configs)
+    nc_ok = [r.mbps for r in configs[0].runs if r.ok]
+    nc_med = median(nc_ok) if nc_ok else None
+    head = (
+        f"{'config':<{w}} {'median MB/s':>11} {'min':>9} {'max':>9} {'vs nc':>7}"
+        f" {'RSS tx MiB':>10} {'RSS rx MiB':>10} {'ok':>5}"
+    )
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    for cfg in configs:
+        ok = [r for r in cfg.runs if r.ok]
+        n = f"{len(ok)}/{len(cfg.runs)}"
+        if not ok:
+            what = "failed" if cfg.runs else "not run"
+            print(f"{cfg.name:<{w}} {what:>11}{'':>50} {n:>5}", file=out)
+            continue
+        speeds = [r.mbps for r in ok]
+        med = median(speeds)
+        ratio = f"{med / nc_med:.2f}x" if nc_med else "-"
+        print(
+            f"{cfg.name:<{w}} {med:>11.1f} {min(speeds):>9.1f} {max(speeds):>9.1f} {ratio:>7}"
+            f" {median([r.rss_tx_mib for r in ok]):>10.1f}"
+            f" {median([r.rss_rx_mib for r in ok]):>10.1f} {n:>5}",
+            file=out,
+        )
+    if verbose:
+        print("\nper round (MB/s, RSS tx/rx MiB):", file=out)
+        for cfg in configs:
+            cells = [
+                f"r{r.round}: {r.mbps:.1f} ({r.rss_tx_mib:.1f}/{r.rss_rx_mib:.1f})"
+                if r.ok
+                else f"r{r.round}: FAILED"
+                for r in cfg.runs
+            ]
+            print(f"  {cfg.name:<{w}} " + "  ".join(cells), file=out)
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        p = subprocess.run(
+            [*argv, "--version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"? ({e})"
+    text = (p.stdout or p.stderr).strip().splitlines()
+    return text[0] if p.returncode == 0 and text else f"? (--version exited {p.returncode})"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description="End-to-end loopback throughput of viamillipede against nc, in the same run: "
+        "interleaved rounds (every round runs every config once), medians, peak RSS of each "
+        "side. MB = 10^6 bytes. See bench/README.md.",
+    )
+    ap.add_argument(
+        "--size",
+        type=parse_size,
+        default=1 << 30,
+        help="bytes to carry per run; suffixes K/M/G are binary (256M, 1G, 1GiB); default 1G",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=5, help="rounds, each runs every config once; default 5"
+    )
+    ap.add_argument(
+        "--threads",
+        type=parse_int_list,
+        default=[1, 4, 8, 16],
+        help="viamillipede thread counts, comma-separated (passed as `threads N` "
+        "to both rx and tx); default 1,4,8,16",
+    )
+    ap.add_argument(
+        "--chunk-sizes",
+        type=parse_size_list,
+        default=None,
+        help="comma-separated --chunk-size values for tx (e.g. 256K,2M); default: "
+        "don't pass the flag (the tool's own default)",
+    )
+    ap.add_argument(
+        "--checksum",
+        action="store_true",
+        help="also measure every viamillipede config with `checksum`",
+    )
+    ap.add_argument(
+        "--sink",
+        choices=["devnull", "file"],
+        default="devnull",
+        help="receiver output: /dev/null (default), or a file in --dir (then the first "
+        "good round of each config is verified by sha256 against the input)",
+    )
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("/dev/shm"),
+        help="where the input (and --sink file output) lives; default /dev/shm",
+    )
+    ap.add_argument("--keep", action="store_true", help="keep the input file at the end")
+    ap.add_argument(
+        "--port",
+        type=int,
+        default=23400,
+        help="base port; each run takes the next port with no socket on it; default 23400",
+    )
+    ap.add_argument(
+        "--viamillipede",
+        default=None,
+        help="viamillipede command (shell-split; default: `viamillipede` next to "
+        "sys.executable if there, else on PATH)",
+    )
+    ap.add_argument(
+        "--no-viamillipede",
+        action="store_true",
+        help="skip viamillipede (bench only nc and --c-original)",
+    )
+    ap.add_argument(
+        "--c-original",
+        default=os.environ.get("VIAMILLIPEDE_C") or None,
+        help="path of the original C viamillipede; also bench it as 'C original t8' "
+        "(env VIAMILLIPEDE_C)",
+    )
+    ap.add_argument("--nc", default="nc", help="netcat-openbsd binary; default nc")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds before a run is killed and marked failed (default: 60 + size at 5 MB/s)",
+    )
+    ap.add_argument(
+        "--listen-timeout",
+        type=float,
+        default=20.0,
+        help="seconds to wait for the receiver's LISTEN socket; default 20",
+    )
+    ap.add_argument("-v", "--verbose", action="store_true", help="also print per-round numbers")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    if args.timeout is None:
+        args.timeout = 60 + args.size / 5e6
+    return args
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Children run in their own sessions (so that a run can be killed as a group); make SIGTERM,
+    # SIGHUP and an inherited-ignored SIGINT all unwind through the cleanup that kills them.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    if shutil.which(args.nc) is None:
+        print(f"loopback: {args.nc!r} not found", file=sys.stderr)
+        return 2
+    vm: list[str] | None = None
+    if not args.no_viamillipede:
+        spec = args.viamillipede or default_viamillipede()
+        if spec is None:
+            print(
+                "loopback: no viamillipede found (give --viamillipede CMD or --no-viamillipede)",
+                file=sys.stderr,
+            )
+            return 2
+        vm = shlex.split(spec)
+    if args.c_original and not os.access(args.c_original, os.X_OK):
+        print(f"loopback: --c-original {args.c_original!r} is not executable", file=sys.stderr)
+        return 2
+
+    configs = build_configs(args, vm)
+    print(
+        f"# loopback bench: {human_bytes(args.size)} ({args.size} bytes) per run, "
+        f"{args.rounds} round(s) interleaved, sink={args.sink}, input in {args.dir}"
+    )
+    print(
+        f"# {platform.node()} {platform.system()} {platform.release()}, "
+        f"{os.cpu_count()} CPUs, python {platform.python_version()}"
+    )
+    if vm is not None:
+        print(f"# viamillipede: {shlex.join(vm)} ({tool_version(vm)})")
+    if args.c_original:
+        print(f"# C original: {args.c_original}")
+    print(f"# nc: {shutil.which(args.nc)}")
+    sys.stdout.flush()
+
+    args.dir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="viamillipede-bench-", dir=args.dir))
+    input_path = workdir / "input.bin"
+    failed_any = False
+    try:
+        t = time.perf_counter()
+        sha = make_input(input_path, args.size)
+        if not args.quiet:
+            print(
+                f"[input] {input_path}: {args.size} random bytes in "
+                f"{time.perf_counter() - t:.1f}s, sha256 {sha[:16]}…",
+                file=sys.stderr,
+            )
+        ports = PortPool(args.port)
+        w = name_width(configs)
+        for rnd in range(1, args.rounds + 1):
+            for cfg in configs:
+                port = ports.take()
+                run = run_once(
+                    cfg, rnd, port, args, input_path, sha if args.sink == "file" else None, workdir
+                )
+                cfg.runs.append(run)
+                if not run.ok:
+                    failed_any = True
+                    print(
+                        f"[round {rnd}] {cfg.name} (port {port}) FAILED: {run.error}",
+                        file=sys.stderr,
+                    )
+                elif not args.quiet:
+                    print(
+                        f"[round {rnd}] {cfg.name:<{w}} {run.mbps:9.1f} MB/s "
+                        f"{run.seconds:7.3f}s  RSS tx {run.rss_tx_mib:.1f} MiB "
+                        f"rx {run.rss_rx_mib:.1f} MiB",
+                        file=sys.stderr,
+                    )
+        print()
+        report(configs, args.verbose)
+    except KeyboardInterrupt:
+        print("\ninterrupted; partial results:", file=sys.stderr)
+        report(configs, args.verbose)
+        return 130
+    finally:
+        if args.keep and input_path.exists():
+            kept = args.dir / f"viamillipede-bench-input-{args.size}.bin"
+            input_path.replace(kept)
+            print(f"# input kept at {kept}", file=sys.stderr)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failed_any else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
