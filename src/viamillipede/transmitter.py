@@ -88,6 +88,10 @@ class _Chunk:
         return memoryview(self.buf)[: DATA_HEADER_SIZE + self.length]
 
 
+class _SessionOver(Exception):
+    """The receiver already completed our session when this connection arrived."""
+
+
 class _Bye:
     """The token that tells whichever connection takes it to send BYE."""
 
@@ -309,6 +313,9 @@ class Transmitter:
             try:
                 async with stream:
                     await self._serve(index, name, stream)
+            except _SessionOver:
+                await self._done.wait()
+                return
             except LinkBroken as exc:
                 log.warning("%s broke: %s; its chunks go to the other connections", name, exc)
             await anyio.sleep(delay)
@@ -408,7 +415,9 @@ class Transmitter:
                 f"the receiver refused chunk size {self._chunk_size} / window {self._window}"
             )
         if status == WelcomeStatus.SESSION_OVER:
-            raise PeerRejected("the receiver has already finished a session")
+            if welcome.session_id == self.session_id:
+                raise _SessionOver  # ours: BYE_OK is on its way over another connection
+            raise PeerRejected("the receiver has already finished another session")
         raise PeerRejected(f"the receiver refused the connection (status {status})")
 
     async def _read_acks(self, reader: FrameReader, inflight: set[int]) -> None:

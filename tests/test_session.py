@@ -1,0 +1,308 @@
+"""Whole sessions over in-memory streams (both backends) and loopback TCP through the API."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Callable
+
+import anyio
+import anyio.abc
+import pytest
+
+from viamillipede import BufferSink, BytesSource, Receiver, Transmitter, receive, send
+from viamillipede.errors import LocalIOError, PeerRejected, PeerTimeout, RemoteFailure
+from viamillipede.testing import MemoryNetwork
+
+pytestmark = pytest.mark.anyio
+
+CHUNK = 4096
+
+
+class SignallingSink(BufferSink):
+    """Sets ``reached`` once at least ``threshold`` bytes were written."""
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.reached = anyio.Event()
+
+    async def write(self, data: memoryview) -> None:
+        await super().write(data)
+        if len(self.data) >= self.threshold:
+            self.reached.set()
+
+
+async def run_session(
+    data: bytes,
+    *,
+    threads: int = 3,
+    chunk_size: int = CHUNK,
+    checksum: bool = False,
+    net: MemoryNetwork | None = None,
+    sink: BufferSink | None = None,
+    **tx_options: object,
+) -> tuple[Transmitter, Receiver, BufferSink]:
+    net = net or MemoryNetwork()
+    sink = sink or BufferSink()
+    rx = Receiver(sink)
+    tx = Transmitter(
+        BytesSource(data),
+        net.connect,
+        threads=threads,
+        chunk_size=chunk_size,
+        checksum=checksum,
+        **tx_options,  # type: ignore[arg-type]
+    )
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rx.serve, net)
+            await tx.run()
+    return tx, rx, sink
+
+
+@pytest.mark.parametrize("threads", [1, 3, 16])
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 5 * CHUNK + 17, 100_003])
+async def test_sizes_arrive_identical(size: int, threads: int) -> None:
+    data = os.urandom(size)
+    tx, rx, sink = await run_session(data, threads=threads)
+    assert bytes(sink.data) == data
+    assert sink.flushed
+    assert tx.statistics().nbytes == rx.statistics().nbytes == size
+    assert rx.statistics().chunks == -(-size // CHUNK)
+
+
+async def test_checksummed_session() -> None:
+    data = os.urandom(37 * CHUNK + 5)
+    _, rx, sink = await run_session(data, threads=4, checksum=True)
+    assert bytes(sink.data) == data
+    assert rx.statistics().duplicates == 0
+
+
+class Breaking(anyio.abc.ByteStream):
+    """Wraps a stream; fails the ``fail_at``-th send (1-based) by closing the connection,
+    optionally after sending ``partial`` bytes of it, or flips a payload byte instead."""
+
+    def __init__(
+        self, inner: anyio.abc.ByteStream, fail_at: int, *, partial: int = 0, corrupt: bool = False
+    ) -> None:
+        self.inner = inner
+        self.fail_at = fail_at
+        self.partial = partial
+        self.corrupt = corrupt
+        self.sends = 0
+
+    async def send(self, item: bytes | bytearray | memoryview) -> None:
+        self.sends += 1
+        if self.sends == self.fail_at:
+            data = bytes(item)
+            if self.corrupt and len(data) > 100:
+                await self.inner.send(data[:-1] + bytes([data[-1] ^ 0xFF]))
+                return
+            if self.partial:
+                await self.inner.send(data[: self.partial])
+            await self.inner.aclose()
+            raise anyio.BrokenResourceError("injected break")
+        await self.inner.send(item)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.inner.receive(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def first_generation(
+    make: Callable[[anyio.abc.ByteStream], anyio.abc.ByteStream],
+) -> Callable[[int, anyio.abc.ByteStream], anyio.abc.ByteStream]:
+    """Wrap only the first connection of each index; reconnects get a clean stream."""
+    seen: set[int] = set()
+
+    def wrap(index: int, stream: anyio.abc.ByteStream) -> anyio.abc.ByteStream:
+        if index in seen:
+            return stream
+        seen.add(index)
+        return make(stream)
+
+    return wrap
+
+
+@pytest.mark.parametrize("partial", [0, 10, 3000])
+async def test_broken_connections_requeue_their_chunks(partial: int) -> None:
+    data = os.urandom(60 * CHUNK + 123)
+    net = MemoryNetwork()
+    # Connection k breaks on its (k + 3)-th send: HELLO went out, some chunks did too.
+    counter = iter(range(100))
+    net.wrap = first_generation(lambda s: Breaking(s, next(counter) + 3, partial=partial))
+    tx, _rx, sink = await run_session(data, threads=4, net=net)
+    assert bytes(sink.data) == data
+    stats = tx.statistics()
+    assert stats.reconnects >= 4
+    assert stats.retransmits >= 1
+
+
+async def test_corrupted_payload_is_caught_by_checksum() -> None:
+    data = os.urandom(20 * CHUNK)
+    net = MemoryNetwork()
+    net.wrap = first_generation(lambda s: Breaking(s, 3, corrupt=True))
+    tx, _rx, sink = await run_session(data, threads=2, checksum=True, net=net)
+    assert bytes(sink.data) == data
+    assert tx.statistics().retransmits >= 1
+
+
+async def test_wrong_checkphrase_is_rejected_and_nothing_written() -> None:
+    net = MemoryNetwork()
+    sink = BufferSink()
+    rx = Receiver(sink, checkphrase="abcd")
+    tx = Transmitter(BytesSource(b"secret"), net.connect, threads=2, chunk_size=CHUNK)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rx.serve, net)
+            with pytest.raises(PeerRejected, match="checkphrase 'yoes'"):
+                await tx.run()
+            assert rx.session_id is None
+            assert rx.statistics().rejected >= 1
+            tg.cancel_scope.cancel()
+    assert sink.data == b""
+
+
+async def test_a_second_session_is_rejected() -> None:
+    net = MemoryNetwork()
+    sink = SignallingSink(10 * CHUNK)
+    rx = Receiver(sink)
+    blocker = anyio.Event()
+
+    class SlowSource(BytesSource):
+        async def readinto(self, view: memoryview) -> int:
+            n = await super().readinto(view)
+            if n == 0:
+                await blocker.wait()
+            return n
+
+    first = Transmitter(SlowSource(b"A" * 10 * CHUNK), net.connect, threads=1, chunk_size=CHUNK)
+    second = Transmitter(BytesSource(b"B" * 10), net.connect, threads=1, chunk_size=CHUNK)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rx.serve, net)
+            tg.start_soon(first.run)
+            await sink.reached.wait()
+            with pytest.raises(PeerRejected, match="another session"):
+                await second.run()
+            blocker.set()
+    assert bytes(sink.data) == b"A" * 10 * CHUNK
+
+
+async def test_slow_sink_bounds_how_far_the_source_runs_ahead() -> None:
+    release = anyio.Event()
+    reads = 0
+
+    class CountingSource(BytesSource):
+        async def readinto(self, view: memoryview) -> int:
+            nonlocal reads
+            n = await super().readinto(view)
+            reads += n
+            return n
+
+    class StuckSink(BufferSink):
+        async def write(self, data: memoryview) -> None:
+            await release.wait()
+            await super().write(data)
+
+    data = os.urandom(200 * CHUNK)
+    sink = StuckSink()
+    window = 6
+    net = MemoryNetwork()
+    rx = Receiver(sink)
+    tx = Transmitter(CountingSource(data), net.connect, threads=3, chunk_size=CHUNK, window=window)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rx.serve, net)
+            tg.start_soon(tx.run)
+            await anyio.wait_all_tasks_blocked()
+            # The source was read at most one window (plus the chunk being filled) ahead.
+            assert CHUNK <= reads <= (window + 1) * CHUNK
+            release.set()
+    assert bytes(sink.data) == data
+
+
+async def test_sink_failure_reaches_both_ends() -> None:
+    class FailingSink(BufferSink):
+        async def write(self, data: memoryview) -> None:
+            if len(self.data) >= 3 * CHUNK:
+                raise LocalIOError("writing output failed: broken pipe (test)")
+            await super().write(data)
+
+    net = MemoryNetwork()
+    sink = FailingSink()
+    rx = Receiver(sink)
+    tx = Transmitter(BytesSource(os.urandom(50 * CHUNK)), net.connect, threads=2,
+                     chunk_size=CHUNK)
+    outcome: dict[str, BaseException] = {}
+
+    async def run_rx() -> None:
+        try:
+            await rx.serve(net)
+        except LocalIOError as exc:
+            outcome["rx"] = exc
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_rx)
+            with pytest.raises(RemoteFailure, match="output failed"):
+                await tx.run()
+    assert isinstance(outcome.get("rx"), LocalIOError)
+    assert len(sink.data) == 3 * CHUNK
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_receiver_times_out_when_transmitter_vanishes() -> None:
+    net = MemoryNetwork()
+    sink = SignallingSink(1)
+    rx = Receiver(sink, idle_timeout=2.0)
+    tx = Transmitter(BytesSource(os.urandom(30 * CHUNK)), net.connect, threads=2,
+                     chunk_size=CHUNK)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(feeder_and_kill, tx, sink, net)
+            with pytest.raises(PeerTimeout, match="bytes were delivered"):
+                await rx.serve(net)
+            tg.cancel_scope.cancel()
+
+
+async def feeder_and_kill(tx: Transmitter, sink: SignallingSink, net: MemoryNetwork) -> None:
+    """Run the transmitter until some data is through, then make it vanish without a word."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tx.run)
+        await sink.reached.wait()
+        net.refuse = True
+        tg.cancel_scope.cancel()
+
+
+async def test_transmitter_times_out_without_receiver() -> None:
+    net = MemoryNetwork()
+    net.refuse = True
+    tx = Transmitter(BytesSource(b"x" * 100), net.connect, threads=2, chunk_size=CHUNK,
+                     idle_timeout=0.5)
+    with anyio.fail_after(10), pytest.raises(PeerTimeout):
+        await tx.run()
+
+
+@pytest.mark.parametrize("threads", [1, 4, 8])
+async def test_loopback_tcp_through_the_api(threads: int) -> None:
+    data = random.Random(threads).randbytes(3 * 1024 * 1024 + 77)
+    sink = BufferSink()
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(receive, sink, 0)
+            stats = await send(BytesSource(data), [("127.0.0.1", port)], threads=threads,
+                               chunk_size=256 * 1024, checksum=True)
+    assert hashlib.sha256(sink.data).digest() == hashlib.sha256(data).digest()
+    assert stats.nbytes == len(data)
