@@ -180,6 +180,7 @@ class Transmitter:
         self._error: ViamillipedeError | None = None
         self._scope: anyio.CancelScope | None = None
         self._last_progress = 0.0
+        self._last_connect_error = ""
         self._counters = Counters("tx")
 
     # -- public --------------------------------------------------------------------------
@@ -285,6 +286,11 @@ class Transmitter:
             if now < deadline:
                 await anyio.sleep(deadline - now)
                 continue
+            if self._counters.connections == 0:
+                raise PeerTimeout(
+                    f"could not reach any receiver for {self._timeout:g} s "
+                    f"(last error: {self._last_connect_error or 'none'})"
+                )
             if self._unacked or self._bye_queued:
                 raise PeerTimeout(
                     f"no progress from the receiver for {self._timeout:g} s "
@@ -303,6 +309,7 @@ class Transmitter:
             try:
                 stream = await self._connect(index)
             except ConnectFailed as exc:
+                self._last_connect_error = str(exc)
                 log.info("%s: %s; retrying in %.2f s", name, exc, delay)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)
