@@ -306,3 +306,14 @@ async def test_loopback_tcp_through_the_api(threads: int) -> None:
                                chunk_size=256 * 1024, checksum=True)
     assert hashlib.sha256(sink.data).digest() == hashlib.sha256(data).digest()
     assert stats.nbytes == len(data)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1", "localhost"])
+async def test_receiver_listens_on_ipv4_and_ipv6(address: str) -> None:
+    data = os.urandom(100_000)
+    sink = BufferSink()
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(receive, sink, 0)
+            await send(BytesSource(data), [(address, port)], threads=2, chunk_size=8192)
+    assert sink.data == data
