@@ -1,21 +1,29 @@
 """The sending end of a session.
 
 One reader task fills chunk buffers from the source; ``threads`` connection tasks take chunks
-from a shared outbox and send them; each connection's ACK reader releases chunks the receiver
-has confirmed.  A chunk lives in ``_unacked`` from the moment it is read until an ACK names it
-(or the receiver's ``written`` passes it), so whatever a broken connection had in flight is put
-back at the front of the outbox for the others.
+and send them; each connection's ACK reader releases chunks the receiver has confirmed.  The
+bookkeeping (what is unacked, what is in flight where, what must be sent again) lives in the
+pure :class:`~viamillipede.window.SendWindow`; this module adds the tasks, the waiting and the
+buffers.
 
-The outbox is a deque with a notifier rather than a memory channel because re-queued chunks
-must jump ahead of fresh ones, which a FIFO channel cannot express.
+Which connection sends a chunk follows the target preference order: an idle connection to an
+earlier target is always woken first, and a connection counts as busy while it has its share
+of the window in flight.  So a slow source uses the first link only, and a fast one spills
+over to the next links.  This dispatch is why chunks are not handed out through a plain
+memory channel: a channel serves whichever receiver waited longest, and cannot put re-sent
+chunks ahead of fresh ones.
+
+A connection that breaks, or holds chunks without any acknowledgement for longer than the
+adaptive stall timeout, is abandoned: its chunks go back to the front of the queue, and it
+reconnects with capped exponential backoff (so a dead target is re-probed, never hammered).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import zlib
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -43,6 +51,7 @@ from .options import (
 )
 from .stats import Counters, TransferStats
 from .transport import ConnectFailed
+from .window import SendWindow
 from .wire import (
     DATA_HEADER_SIZE,
     Ack,
@@ -75,13 +84,12 @@ Connector = Callable[[int], Awaitable[anyio.abc.ByteStream]]
 
 
 class _Chunk:
-    __slots__ = ("acked", "buf", "length", "sending", "seq")
+    __slots__ = ("acked", "buf", "length", "sending")
 
-    def __init__(self, seq: int, buf: bytearray, length: int) -> None:
-        self.seq = seq
+    def __init__(self, buf: bytearray, length: int) -> None:
         self.buf = buf
         self.length = length
-        self.sending = 0
+        self.sending = 0  # sends of this buffer in progress: it is not reused before 0
         self.acked = False
 
     def frame(self) -> memoryview:
@@ -92,51 +100,41 @@ class _SessionOver(Exception):
     """The receiver already completed our session when this connection arrived."""
 
 
-class _Bye:
-    """The token that tells whichever connection takes it to send BYE."""
-
-
-_BYE = _Bye()
-
-
-class _Outbox:
-    __slots__ = ("_bye", "_changed", "_fresh", "_retry")
+class _Turns:
+    """Idle connections waiting for something to send, woken best target rank first."""
 
     def __init__(self) -> None:
-        self._retry: deque[_Chunk] = deque()
-        self._fresh: deque[_Chunk] = deque()
-        self._bye = False
-        self._changed = Notifier()
+        self._waiting: dict[int, tuple[int, anyio.Event]] = {}
 
-    def put(self, chunk: _Chunk) -> None:
-        self._fresh.append(chunk)
-        self._changed.notify()
+    async def wait(self, conn: int, rank: int) -> None:
+        event = anyio.Event()
+        self._waiting[conn] = (rank, event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():
+                self.wake(1)  # we were chosen but are leaving: hand the turn on
+            raise
+        finally:
+            self._waiting.pop(conn, None)
 
-    def requeue(self, chunks: list[_Chunk]) -> None:
-        """Put chunks back in front, lowest sequence first: the receiver is waiting on those."""
-        self._retry.extendleft(sorted(chunks, key=lambda c: c.seq, reverse=True))
-        self._changed.notify()
+    def wake(self, n: int) -> None:
+        best = sorted(self._waiting.items(), key=lambda item: (item[1][0], item[0]))[:n]
+        for conn, (_rank, event) in best:
+            del self._waiting[conn]
+            event.set()
 
-    def put_bye(self) -> None:
-        self._bye = True
-        self._changed.notify()
 
-    async def get(self) -> _Chunk | _Bye:
-        while True:
-            while self._retry:
-                chunk = self._retry.popleft()
-                if not chunk.acked:
-                    return chunk
-            if self._fresh:
-                return self._fresh.popleft()
-            if self._bye:
-                self._bye = False
-                return _BYE
-            await self._changed.wait()
+#: First and longest pause between attempts to (re)connect one connection.
+BACKOFF_START = 0.1
+BACKOFF_CAP = 10.0
 
 
 class Transmitter:
-    """Sends everything ``source`` yields over ``threads`` connections opened by ``connect``."""
+    """Sends everything ``source`` yields over ``threads`` connections opened by ``connect``.
+
+    ``rank(i)`` is the preference of connection ``i``'s target (0 = most preferred).
+    """
 
     def __init__(
         self,
@@ -150,6 +148,7 @@ class Transmitter:
         checkphrase: str = DEFAULT_CHECKPHRASE,
         idle_timeout: float = DEFAULT_TIMEOUT,
         describe: Callable[[int], str] | None = None,
+        rank: Callable[[int], int] | None = None,
         session_id: bytes | None = None,
     ) -> None:
         if not 1 <= threads <= 64:
@@ -159,26 +158,26 @@ class Transmitter:
         self._threads = threads
         self._chunk_size = chunk_size
         self._window = window if window is not None else default_window(threads)
+        self._per_conn = max(2, self._window // threads)
         self._checksum = checksum
         self._checkphrase_text = checkphrase
         self._checkphrase = encode_checkphrase(checkphrase)
         self._timeout = idle_timeout
         self._describe = describe or (lambda i: f"connection {i}")
+        self._rank = rank or (lambda i: 0)
         self.session_id = session_id if session_id is not None else os.urandom(16)
         self._features = int(Feature.CHECKSUM_CRC32) if checksum else 0
 
         self._pool = BufferPool(DATA_HEADER_SIZE + chunk_size, keep=self._window + threads)
-        self._outbox = _Outbox()
-        self._unacked: dict[int, _Chunk] = {}
-        self._written = 0
-        self._progress = Notifier()
+        self._sw: SendWindow[_Chunk] = SendWindow(self._window)
+        self._turns = _Turns()
+        self._acked = Notifier()  # an ACK arrived: window or in-flight room may have opened
         self._eof = False
-        self._total_chunks = 0
         self._total_bytes = 0
-        self._bye_queued = False
+        self._bye_state = "none"  # none -> pending -> sent (-> pending again if its link broke)
+        self._bye_conn = -1
         self._done = anyio.Event()
         self._error: ViamillipedeError | None = None
-        self._scope: anyio.CancelScope | None = None
         self._last_progress = 0.0
         self._last_connect_error = ""
         self._counters = Counters("tx")
@@ -186,13 +185,13 @@ class Transmitter:
     # -- public --------------------------------------------------------------------------
 
     def statistics(self) -> TransferStats:
-        return self._counters.snapshot()
+        snap = self._counters.snapshot()
+        return dataclasses.replace(snap, retransmits=self._sw.retransmits)
 
     async def run(self) -> TransferStats:
         """Send the whole source; return only once the receiver confirmed every byte."""
         self._last_progress = anyio.current_time()
         async with anyio.create_task_group() as tg:
-            self._scope = tg.cancel_scope
             tg.start_soon(self._guard, self._read_source)
             tg.start_soon(self._guard, self._watchdog)
             for i in range(self._threads):
@@ -201,7 +200,7 @@ class Transmitter:
             tg.cancel_scope.cancel()
         if self._error is not None:
             raise self._error
-        return self._counters.snapshot()
+        return self.statistics()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -216,36 +215,29 @@ class Transmitter:
         except ViamillipedeError as exc:
             self._fail(exc)
 
-    def _on_ack(self, seq: int, written: int) -> None:
-        self._last_progress = anyio.current_time()
-        if written > self._written:
-            self._written = written
-            for s in [s for s in self._unacked if s < written]:
-                self._release(self._unacked.pop(s))
-            self._progress.notify()
-        chunk = self._unacked.pop(seq, None)
-        if chunk is not None:
-            self._release(chunk)
+    def _on_ack(self, conn: int, seq: int, written: int) -> None:
+        now = anyio.current_time()
+        self._last_progress = now
+        for chunk in self._sw.on_ack(conn, seq, written, now):
+            chunk.acked = True
+            if chunk.sending == 0:
+                self._pool.put(chunk.buf)
+        self._acked.notify()
         self._maybe_finish()
 
-    def _release(self, chunk: _Chunk) -> None:
-        chunk.acked = True
-        if chunk.sending == 0:
-            self._pool.put(chunk.buf)
-
     def _maybe_finish(self) -> None:
-        if self._eof and not self._unacked and not self._bye_queued:
-            self._bye_queued = True
-            self._outbox.put_bye()
+        if self._eof and self._sw.all_acked() and self._bye_state == "none":
+            self._bye_state = "pending"
+            self._turns.wake(1)
 
     # -- source --------------------------------------------------------------------------
 
     async def _read_source(self) -> None:
         size = self._chunk_size
-        seq = 0
+        sw = self._sw
         while True:
-            while seq >= self._written + self._window:
-                await self._progress.wait()
+            while not sw.can_add():
+                await self._acked.wait()
             buf = self._pool.get()
             view = memoryview(buf)
             n = 0
@@ -260,22 +252,20 @@ class Transmitter:
             if n:
                 payload = view[DATA_HEADER_SIZE : DATA_HEADER_SIZE + n]
                 crc = zlib.crc32(payload) if self._checksum else 0
-                pack_data_header(buf, seq, n, crc)
-                chunk = _Chunk(seq, buf, n)
-                if not self._unacked:
+                if sw.all_acked():
                     self._last_progress = anyio.current_time()
-                self._unacked[seq] = chunk
-                self._outbox.put(chunk)
+                pack_data_header(buf, sw.next_seq, n, crc)
+                sw.add(_Chunk(buf, n))
                 self._counters.chunks += 1
                 self._counters.nbytes += n
                 self._total_bytes += n
-                seq += 1
+                self._turns.wake(1)
             else:
                 self._pool.put(buf)
             if eof:
-                self._total_chunks = seq
                 self._eof = True
-                log.debug("end of input after %d bytes in %d chunks", self._total_bytes, seq)
+                log.debug("end of input after %d bytes in %d chunks", self._total_bytes,
+                          sw.next_seq)
                 self._maybe_finish()
                 return
 
@@ -291,10 +281,10 @@ class Transmitter:
                     f"could not reach any receiver for {self._timeout:g} s "
                     f"(last error: {self._last_connect_error or 'none'})"
                 )
-            if self._unacked or self._bye_queued:
+            if not self._sw.all_acked() or self._bye_state != "none":
                 raise PeerTimeout(
                     f"no progress from the receiver for {self._timeout:g} s "
-                    f"({self._written} chunks confirmed written); is it still running?"
+                    f"({self._sw.written} chunks confirmed written); is it still running?"
                 )
             # Waiting on a slow source is not the receiver's fault.
             self._last_progress = now
@@ -302,7 +292,7 @@ class Transmitter:
     # -- connections ---------------------------------------------------------------------
 
     async def _connection_loop(self, index: int) -> None:
-        delay = 0.05
+        delay = BACKOFF_START
         name = self._describe(index)
         first = True
         while True:
@@ -310,25 +300,30 @@ class Transmitter:
                 stream = await self._connect(index)
             except ConnectFailed as exc:
                 self._last_connect_error = str(exc)
-                log.info("%s: %s; retrying in %.2f s", name, exc, delay)
+                log.info("%s: %s; next try in %.1f s", name, exc, delay)
                 await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, BACKOFF_CAP)
                 continue
             if not first:
                 self._counters.reconnects += 1
             first = False
+            progressed = [False]
             try:
                 async with stream:
-                    await self._serve(index, name, stream)
+                    await self._serve(index, name, stream, progressed)
             except _SessionOver:
                 await self._done.wait()
                 return
             except LinkBroken as exc:
                 log.warning("%s broke: %s; its chunks go to the other connections", name, exc)
+            if progressed[0]:
+                delay = BACKOFF_START  # it worked for a while: a quick reconnect is fair
             await anyio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, BACKOFF_CAP)
 
-    async def _serve(self, index: int, name: str, stream: anyio.abc.ByteStream) -> None:
+    async def _serve(
+        self, index: int, name: str, stream: anyio.abc.ByteStream, progressed: list[bool]
+    ) -> None:
         reader = FrameReader(stream, Decoder.for_transmitter(), greedy=True)
         hello = Hello(
             checkphrase=self._checkphrase,
@@ -352,45 +347,59 @@ class Transmitter:
         assert isinstance(welcome, Welcome)
         self._counters.connections += 1
         log.info("%s: connected", name)
-        self._on_ack(-1, welcome.written)
+        self._on_ack(index, -1, welcome.written)
 
-        inflight: set[int] = set()
-        bye_sent: list[bool] = []
         try:
             with first_error():
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._read_acks, reader, inflight)
-                    await self._send_chunks(stream, inflight, bye_sent)
+                    tg.start_soon(self._read_acks, index, reader, progressed)
+                    tg.start_soon(self._watch_stall, index)
+                    await self._send_chunks(index, stream)
         except (ProtocolError, *STREAM_ERRORS) as exc:
             raise LinkBroken(str(exc) or type(exc).__name__) from exc
         finally:
             if not self._done.is_set():
-                lost = [self._unacked[s] for s in inflight if s in self._unacked]
+                lost = self._sw.connection_lost(index)
                 if lost:
-                    self._counters.retransmits += len(lost)
-                    self._outbox.requeue(lost)
-                if bye_sent:
-                    self._outbox.put_bye()
+                    self._turns.wake(lost)
+                if self._bye_state == "sent" and self._bye_conn == index:
+                    self._bye_state = "pending"
+                    self._turns.wake(1)
 
-    async def _send_chunks(
-        self, stream: anyio.abc.ByteStream, inflight: set[int], bye_sent: list[bool]
-    ) -> None:
-        """Take chunks from the outbox and send them, until the connection fails."""
+    async def _send_chunks(self, conn: int, stream: anyio.abc.ByteStream) -> None:
+        """Send what this connection is given, until the connection fails."""
+        sw = self._sw
+        rank = self._rank(conn)
         while True:
-            item = await self._outbox.get()
-            if isinstance(item, _Bye):
-                bye_sent.append(True)
-                await stream.send(encode(Bye(self._total_chunks, self._total_bytes)))
+            if self._bye_state == "pending":
+                self._bye_state = "sent"
+                self._bye_conn = conn
+                await stream.send(encode(Bye(sw.next_seq, self._total_bytes)))
                 continue
-            # Recorded before sending: if the send fails half-way, the chunk is re-queued.
-            inflight.add(item.seq)
-            item.sending += 1
+            if sw.inflight(conn) >= self._per_conn:
+                await self._acked.wait()  # busy: leave new chunks to other connections
+                continue
+            taken = sw.take(conn, anyio.current_time())
+            if taken is None:
+                await self._turns.wait(conn, rank)
+                continue
+            _seq, chunk = taken
+            chunk.sending += 1
             try:
-                await stream.send(item.frame())  # type: ignore[arg-type]  # any buffer works
+                await stream.send(chunk.frame())  # type: ignore[arg-type]  # any buffer works
             finally:
-                item.sending -= 1
-                if item.acked and item.sending == 0:
-                    self._pool.put(item.buf)
+                chunk.sending -= 1
+                if chunk.acked and chunk.sending == 0:
+                    self._pool.put(chunk.buf)
+
+    async def _watch_stall(self, conn: int) -> None:
+        sw = self._sw
+        while True:
+            limit = sw.stall_timeout()
+            stalled = sw.stalled_for(conn, anyio.current_time())
+            if stalled >= limit:
+                raise LinkBroken(f"stalled: no acknowledgement for {stalled:.1f} s")
+            await anyio.sleep(min(limit - stalled, 1.0))
 
     def _check_welcome(self, welcome: object) -> None:
         if isinstance(welcome, Error):
@@ -427,14 +436,14 @@ class Transmitter:
             raise PeerRejected("the receiver has already finished another session")
         raise PeerRejected(f"the receiver refused the connection (status {status})")
 
-    async def _read_acks(self, reader: FrameReader, inflight: set[int]) -> None:
+    async def _read_acks(self, conn: int, reader: FrameReader, progressed: list[bool]) -> None:
         while True:
             event = await reader.next_event()
             if isinstance(event, Ack):
-                inflight.discard(event.seq)
-                self._on_ack(event.seq, event.written)
+                progressed[0] = True
+                self._on_ack(conn, event.seq, event.written)
             elif isinstance(event, ByeOk):
-                if (event.chunks, event.nbytes) != (self._total_chunks, self._total_bytes):
+                if (event.chunks, event.nbytes) != (self._sw.next_seq, self._total_bytes):
                     raise TruncatedStream(
                         f"the receiver confirmed {event.nbytes} bytes, we sent {self._total_bytes}"
                     )
