@@ -40,6 +40,7 @@ from .options import (
     encode_checkphrase,
 )
 from .stats import Counters, TransferStats
+from .window import Offer, ReorderBuffer
 from .wire import (
     PROTOCOL_VERSION,
     Bye,
@@ -134,8 +135,7 @@ class Receiver:
         self._features = 0
         self._pool: BufferPool | None = None
 
-        self._written = 0
-        self._reorder: dict[int, tuple[bytearray, int, _Conn]] = {}
+        self._reorder: ReorderBuffer[tuple[bytearray, int, _Conn]] = ReorderBuffer(1)
         self._arrived = Notifier()
         self._progress = Notifier()
         self._conns: dict[int, _Conn] = {}
@@ -247,7 +247,7 @@ class Receiver:
             if self.session_id is not None:
                 raise PeerTimeout(
                     f"the transmitter has been silent for {self._timeout:g} s; "
-                    f"{self._counters.nbytes} bytes were delivered ({self._written} chunks)"
+                    f"{self._counters.nbytes} bytes were delivered ({self._reorder.written} chunks)"
                 )
             # Nobody has connected yet: a receiver may be started long before its transmitter.
             self._last_activity = now
@@ -286,6 +286,7 @@ class Receiver:
         self._features = hello.features
         self._checksum = checksum == Feature.CHECKSUM_CRC32
         self._pool = BufferPool(hello.chunk_size, keep=hello.window + 8)
+        self._reorder = ReorderBuffer(hello.window)
         log.info(
             "session %s: chunk %d bytes, window %d, checksum %s",
             hello.session_id.hex()[:12],
@@ -312,7 +313,7 @@ class Receiver:
         assert isinstance(hello, Hello)  # the decoder accepts nothing else first
         status = self._admit(hello)
         await stream.send(encode(Welcome(int(status), self.session_id or bytes(16),
-                                         self._written)))
+                                         self._reorder.written)))
         if status != WelcomeStatus.ACCEPTED:
             self._counters.rejected += 1
             log.warning("rejected connection from %s: %s", conn.name, _REASONS[status])
@@ -336,7 +337,7 @@ class Receiver:
 
     async def _conn_sender(self, conn: _Conn, scope: anyio.CancelScope) -> None:
         try:
-            await conn.sender(lambda: self._written)
+            await conn.sender(lambda: self._reorder.written)
         except STREAM_ERRORS as exc:
             log.warning("connection %d from %s broke: %s", conn.index, conn.name, exc)
             conn.closed = True
@@ -374,27 +375,27 @@ class Receiver:
 
     def _file_chunk(self, seq: int, buf: bytearray, length: int, conn: _Conn) -> None:
         assert self._pool is not None
-        if seq < self._written or seq in self._reorder:
-            self._counters.duplicates += 1
-            self._pool.put(buf)
+        verdict = self._reorder.offer(seq, (buf, length, conn))
+        if verdict is Offer.ACCEPTED:
+            if seq == self._reorder.written:
+                self._arrived.notify()
             return
-        if seq >= self._written + self._window:
-            self._pool.put(buf)
-            raise ProtocolError(
-                f"chunk {seq} is beyond the window ({self._written} + {self._window})"
-            )
-        self._reorder[seq] = (buf, length, conn)
-        if seq == self._written:
-            self._arrived.notify()
+        self._pool.put(buf)
+        if verdict is Offer.DUPLICATE:
+            self._counters.duplicates += 1
+            return
+        raise ProtocolError(
+            f"chunk {seq} is beyond the window ({self._reorder.written} + {self._window})"
+        )
 
     async def _finish(self, conn: _Conn, bye: Bye) -> None:
-        missing = [s for s in range(self._written, bye.chunks) if s not in self._reorder]
-        if missing or bye.chunks < self._written:
+        missing = self._reorder.missing(bye.chunks)
+        if missing or bye.chunks < self._reorder.written:
             raise TruncatedStream(
                 f"the transmitter ended the stream at {bye.chunks} chunks but "
                 f"{len(missing) or 'extra'} chunks disagree; output is incomplete"
             )
-        while self._written < bye.chunks:
+        while self._reorder.written < bye.chunks:
             await self._progress.wait()
         if self._counters.nbytes != bye.nbytes:
             raise TruncatedStream(
@@ -414,16 +415,17 @@ class Receiver:
     async def _writer(self) -> None:
         sink = self._sink
         while True:
-            while self._written not in self._reorder:
+            reorder = self._reorder  # replaced when the session is bound
+            if (ready := reorder.ready()) is None:
                 await self._arrived.wait()
-            seq = self._written
+                continue
             # Stays in the reorder buffer while being written, so BYE sees it as present.
-            buf, length, conn = self._reorder[seq]
+            buf, length, conn = ready
             await sink.write(memoryview(buf)[:length])
-            del self._reorder[seq]
+            seq = reorder.written
+            reorder.advance()
             assert self._pool is not None
             self._pool.put(buf)
-            self._written = seq + 1
             self._counters.nbytes += length
             self._counters.chunks += 1
             self._progress.notify()

@@ -87,6 +87,13 @@ class SendWindow(Generic[T]):
         flight[seq] = now
         return seq, self.unacked[seq]
 
+    def accounted(self) -> set[int]:
+        """Sequences queued or in flight: every unacked chunk must be one or the other."""
+        seqs = set(self._retry) | set(self._fresh)
+        for flight in self._inflight.values():
+            seqs.update(flight)
+        return seqs
+
     def inflight(self, conn: int) -> int:
         return len(self._inflight.get(conn, ()))
 

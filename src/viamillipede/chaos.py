@@ -1,0 +1,541 @@
+"""Deterministic fault injection for byte streams.
+
+A session survives broken links only if every recovery path actually runs, and a recovery bug
+found once must be reproducible on demand.  So faults are injected by a stream wrapper that sits
+under the session (it knows nothing about frames), and every decision is a pure function of a
+seed and the position of the operation -- never of time, scheduling or Python's per-process
+``hash()`` salt.  ``chaos 7`` today and ``chaos 7`` next month, on another host, break the same
+operations of the same connections in the same way.
+
+Where an operation is: the session *side* (``"tx"`` or ``"rx"``), the connection index *conn*,
+its reconnect *generation* (0 for the first stream of a connection index, then 1, 2, ...), the
+*direction* (``"send"`` or ``"recv"``; ``receive`` and ``receive_into`` are both ``"recv"``),
+and the operation number *op* within that direction of that stream, counted from 0.  Sends and
+receives are numbered separately because a session reads and writes one stream from two tasks:
+their interleaving depends on the scheduler (Trio even randomises it), each direction's own
+sequence does not.  ``send_eof`` and ``aclose`` are never counted nor faulted.
+
+Fault kinds, and why each exists:
+
+* ``reset`` -- the connection dies: the inner stream is closed (the peer sees end of stream)
+  and the operation raises :class:`anyio.BrokenResourceError`; so does everything after it.
+* ``stall`` -- a black-holed path: the operation blocks until the caller gives up (cancels or
+  times out); the peer sees nothing.  Opt-in, because only a caller with a per-connection
+  liveness timeout can get past it.
+* ``delay`` -- latency: the operation waits a seeded 1-200 ms, then proceeds unchanged.
+* ``short`` -- fragmentation: a send reaches the inner stream as 2-4 smaller sends; a receive
+  asks the inner stream for fewer bytes than its caller did.
+* ``corrupt`` -- a single flipped bit in a send, to prove a checksum catches it.  Opt-in,
+  because without a checksum it silently damages the stream.  It never touches the first
+  ``corrupt_skip`` (64) bytes of a send: that is where a framed protocol keeps its header, and
+  a flipped header tests the decoder, not the checksum.  By default it only hits the ``tx``
+  side, whose payloads are the checksummed ones.
+
+How often: ``rate`` is the chance that one operation gets a fault at all; the fault's kind is
+then drawn among the enabled kinds that apply to that operation, in proportion to
+:data:`DEFAULT_WEIGHTS` (resets and stalls are rarer than delays and fragmentation, so a
+session spends most of its time making progress).  A drawn fault that cannot apply to the
+actual operation (fragmenting a one-byte send, corrupting a short one) is skipped and not
+logged.
+
+Usage::
+
+    sched = ChaosScheduler(seed=7, rate=0.05)
+    stream = sched.wrap(await connect(host, port), side="tx", conn=3)   # generation counted
+    ...
+    for line in sched.log.lines():
+        print(line)                        # "chaos tx conn 3 gen 0 send 17: reset"
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import itertools
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeVar
+
+import anyio
+import anyio.abc
+from anyio.lowlevel import checkpoint
+
+from .transport import ReceiveInto
+
+__all__ = [
+    "DEFAULT_KINDS",
+    "DEFAULT_RATE",
+    "DEFAULT_WEIGHTS",
+    "ChaosScheduler",
+    "ChaosStream",
+    "Direction",
+    "Fault",
+    "FaultKind",
+    "FaultLog",
+    "FaultRecord",
+    "Side",
+]
+
+log = logging.getLogger("viamillipede.chaos")
+
+Side = Literal["tx", "rx"]
+Direction = Literal["send", "recv"]
+
+_T = TypeVar("_T")
+
+
+class FaultKind(enum.StrEnum):
+    RESET = "reset"
+    STALL = "stall"
+    DELAY = "delay"
+    SHORT = "short"
+    CORRUPT = "corrupt"
+
+
+#: Faults a session is expected to survive without any help: stall needs a liveness timeout
+#: and corrupt needs checksums, so both must be asked for.
+DEFAULT_KINDS: Final[frozenset[FaultKind]] = frozenset(
+    {FaultKind.RESET, FaultKind.DELAY, FaultKind.SHORT}
+)
+
+#: One fault per 50 operations: dense enough that a short test run meets every kind, sparse
+#: enough that a reconnected stream usually gets some chunks through before its next reset.
+DEFAULT_RATE: Final = 0.02
+
+#: Relative frequency of the kinds once an operation is picked for a fault.
+DEFAULT_WEIGHTS: Final[Mapping[FaultKind, float]] = {
+    FaultKind.RESET: 1.0,
+    FaultKind.STALL: 1.0,
+    FaultKind.DELAY: 4.0,
+    FaultKind.SHORT: 4.0,
+    FaultKind.CORRUPT: 2.0,
+}
+
+#: Changing how decisions are derived changes every seed's meaning, so the derivation is
+#: versioned; bump it rather than silently re-mapping old seeds.
+_PERSON: Final = b"vmp-chaos-v1"
+_DRAWS: Final = 8
+_SIDES: Final = ("tx", "rx")
+_DIRECTIONS: Final = ("send", "recv")
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A decision for one operation, before it meets the operation's actual size.
+
+    ``u`` holds seeded uniform numbers in [0, 1); the stream turns them into byte offsets and
+    piece sizes once it knows how long the send or receive is, so the decision itself stays
+    independent of the data.
+    """
+
+    kind: FaultKind
+    delay_ms: int
+    u: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class FaultRecord:
+    """One fault that was actually injected.
+
+    Ordered by position, so logs of concurrent connections can be compared across runs after
+    sorting, whatever order the tasks happened to run in.
+    """
+
+    side: str
+    conn: int
+    generation: int
+    direction: str
+    op: int
+    kind: FaultKind
+    detail: str
+
+    def line(self) -> str:
+        head = (
+            f"chaos {self.side} conn {self.conn} gen {self.generation} "
+            f"{self.direction} {self.op}: {self.kind.value}"
+        )
+        return f"{head} {self.detail}" if self.detail else head
+
+
+class FaultLog:
+    """Every injected fault, in injection order, each also logged once at WARNING.
+
+    A failing chaos run is only useful if its faults can be read back and replayed, so the lines
+    carry no timestamps or addresses: the same seed gives the same text.
+    """
+
+    def __init__(self, logger: logging.Logger = log) -> None:
+        self._logger = logger
+        self._records: list[FaultRecord] = []
+
+    def record(self, entry: FaultRecord) -> None:
+        self._records.append(entry)
+        self._logger.warning("%s", entry.line())
+
+    @property
+    def records(self) -> tuple[FaultRecord, ...]:
+        return tuple(self._records)
+
+    def lines(self, *, ordered: bool = False) -> list[str]:
+        """The log lines; ``ordered`` sorts them by position for run-to-run comparison."""
+        records = sorted(self._records) if ordered else self._records
+        return [r.line() for r in records]
+
+    def summary(self) -> dict[FaultKind, int]:
+        counts = dict.fromkeys(FaultKind, 0)
+        for r in self._records:
+            counts[r.kind] += 1
+        return counts
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[FaultRecord]:
+        return iter(tuple(self._records))
+
+
+class ChaosScheduler:
+    """Decides, from a seed alone, which operation of which stream gets which fault."""
+
+    def __init__(
+        self,
+        seed: int,
+        rate: float = DEFAULT_RATE,
+        kinds: Iterable[FaultKind | str] = DEFAULT_KINDS,
+        *,
+        weights: Mapping[FaultKind, float] = DEFAULT_WEIGHTS,
+        delay_ms: tuple[int, int] = (1, 200),
+        corrupt_skip: int = 64,
+        corrupt_sides: Iterable[str] = ("tx",),
+        log: FaultLog | None = None,
+    ) -> None:
+        if not 0.0 <= rate <= 1.0 or math.isnan(rate):
+            raise ValueError(f"chaos rate must be between 0 and 1, not {rate}")
+        lo, hi = delay_ms
+        if not 0 <= lo <= hi:
+            raise ValueError(f"bad delay range {delay_ms}")
+        if corrupt_skip < 0:
+            raise ValueError("corrupt_skip must not be negative")
+        self.seed = seed
+        self.rate = rate
+        self.kinds = frozenset(FaultKind(k) for k in kinds)
+        self.delay_ms = (lo, hi)
+        self.corrupt_skip = corrupt_skip
+        self.corrupt_sides = frozenset(corrupt_sides)
+        self.log = log if log is not None else FaultLog()
+        self._weights = {k: float(weights.get(k, 0.0)) for k in FaultKind}
+        if any(w < 0 or math.isnan(w) for w in self._weights.values()):
+            raise ValueError("fault weights must not be negative")
+        self._generations: dict[tuple[str, int], int] = {}
+        # Per (side, direction) the kinds that can apply, fixed at construction so a decision
+        # never depends on anything but its key.
+        self._candidates = {
+            (side, direction): [
+                (k, self._weights[k])
+                for k in FaultKind
+                if k in self.kinds and self._weights[k] > 0 and self._applies(k, side, direction)
+            ]
+            for side in _SIDES
+            for direction in _DIRECTIONS
+        }
+
+    def _applies(self, kind: FaultKind, side: str, direction: str) -> bool:
+        if kind is FaultKind.CORRUPT:
+            return direction == "send" and side in self.corrupt_sides
+        return True
+
+    @property
+    def active(self) -> bool:
+        """False when no operation can ever be faulted: the wrapper is then a pass-through."""
+        return self.rate > 0 and any(self._candidates.values())
+
+    def decide(
+        self, side: Side, conn: int, generation: int, direction: Direction, op: int
+    ) -> Fault | None:
+        """The fault for one operation: a pure function of the seed and these five values."""
+        candidates = self._candidates[(side, direction)]
+        if self.rate <= 0 or not candidates:
+            return None
+        key = f"{self.seed}\0{side}\0{conn}\0{generation}\0{direction}\0{op}".encode()
+        digest = hashlib.blake2b(key, digest_size=8 * _DRAWS, person=_PERSON).digest()
+        u = tuple(
+            int.from_bytes(digest[8 * i : 8 * i + 8], "big") / 2.0**64 for i in range(_DRAWS)
+        )
+        if u[0] >= self.rate:
+            return None
+        total = sum(w for _, w in candidates)
+        pick = u[1] * total
+        kind = candidates[-1][0]
+        for k, w in candidates:
+            if pick < w:
+                kind = k
+                break
+            pick -= w
+        delay = 0
+        if kind is FaultKind.DELAY:
+            lo, hi = self.delay_ms
+            delay = lo + min(int(u[2] * (hi - lo + 1)), hi - lo)
+        return Fault(kind, delay, u[2:])
+
+    def next_generation(self, side: Side, conn: int) -> int:
+        """Number the streams of one connection index in the order they were opened.
+
+        Deterministic as long as each connection index reconnects sequentially, which is how
+        the transmitter's per-connection loop works.
+        """
+        key = (side, conn)
+        gen = self._generations.get(key, 0)
+        self._generations[key] = gen + 1
+        return gen
+
+    def wrap(
+        self,
+        stream: anyio.abc.ByteStream,
+        *,
+        side: Side,
+        conn: int,
+        generation: int | None = None,
+    ) -> ChaosStream:
+        """Put ``stream`` under this scheduler; ``generation=None`` counts reconnects itself."""
+        if generation is None:
+            generation = self.next_generation(side, conn)
+        return ChaosStream(stream, self, side, conn, generation, self.log)
+
+    def wrap_connector(
+        self,
+        connect: Callable[[int], Awaitable[anyio.abc.ByteStream]],
+        side: Side = "tx",
+    ) -> Callable[[int], Awaitable[anyio.abc.ByteStream]]:
+        """Wrap every stream a connector opens, numbered by connection index and reconnect."""
+
+        async def chaotic_connect(index: int) -> anyio.abc.ByteStream:
+            return self.wrap(await connect(index), side=side, conn=index)
+
+        return chaotic_connect
+
+
+class ChaosStream(anyio.abc.ByteStream):
+    """A byte stream that injects the scheduler's faults into another one.
+
+    If the inner stream offers ``receive_into``, so does the wrapper (constructing a
+    ``ChaosStream`` then yields an instance of a subclass that has it): the session picks its
+    receive path by looking for that method, and chaos must exercise the path production uses.
+
+    A reset or ``aclose`` wakes every other operation blocked in this wrapper (a stall, or a
+    receive the peer will never answer), as closing a real socket wakes its waiters.
+    """
+
+    def __new__(
+        cls,
+        inner: anyio.abc.ByteStream,
+        scheduler: ChaosScheduler,
+        side: Side,
+        conn: int,
+        generation: int,
+        log: FaultLog | None = None,
+    ) -> ChaosStream:
+        chosen: type[ChaosStream] = cls
+        if cls is ChaosStream and isinstance(inner, ReceiveInto):
+            chosen = _ChaosStreamInto
+        return super().__new__(chosen)
+
+    def __init__(
+        self,
+        inner: anyio.abc.ByteStream,
+        scheduler: ChaosScheduler,
+        side: Side,
+        conn: int,
+        generation: int,
+        log: FaultLog | None = None,
+    ) -> None:
+        if side not in _SIDES:
+            raise ValueError(f"side must be 'tx' or 'rx', not {side!r}")
+        self.inner = inner
+        self.scheduler = scheduler
+        self.side: Side = side
+        self.conn = conn
+        self.generation = generation
+        self.log = log if log is not None else scheduler.log
+        self._ops = {"send": 0, "recv": 0}
+        self._state: Literal["open", "broken", "closed"] = "open"
+        self._eof_sent = False
+        self._inner_closed = False
+        self._inflight: set[anyio.CancelScope] = set()
+
+    @property
+    def peer(self) -> str | None:
+        peer = getattr(self.inner, "peer", None)
+        return None if peer is None else str(peer)
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self.inner.extra_attributes
+
+    # -- the operations ------------------------------------------------------------------
+
+    async def send(self, item: bytes | bytearray | memoryview) -> None:
+        self._check_usable()
+        if self._eof_sent:
+            raise anyio.ClosedResourceError
+        fault, op = self._next("send")
+        inner = self.inner
+        if fault is None:
+            await self._guarded(lambda: inner.send(item))  # type: ignore[arg-type]
+            return
+        view = memoryview(item).cast("B")
+        size = len(view)
+        if fault.kind is FaultKind.SHORT and size >= 2:
+            pieces = _cuts(size, fault.u)
+            self._record("send", op, fault.kind, "+".join(str(n) for n in pieces))
+            await self._guarded(lambda: _send_pieces(inner, view, pieces))
+            return
+        if fault.kind is FaultKind.CORRUPT and size > self.scheduler.corrupt_skip:
+            skip = self.scheduler.corrupt_skip
+            offset = skip + min(int(fault.u[0] * (size - skip)), size - skip - 1)
+            bit = min(int(fault.u[1] * 8), 7)
+            # A copy: the caller may send the very same buffer again on another connection.
+            damaged = bytearray(view)
+            damaged[offset] ^= 1 << bit
+            self._record("send", op, fault.kind, f"byte {offset} of {size} bit {bit}")
+            await self._guarded(lambda: inner.send(bytes(damaged)))
+            return
+        await self._common(fault, "send", op, lambda: inner.send(item))  # type: ignore[arg-type]
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        self._check_usable()
+        fault, op = self._next("recv")
+        inner = self.inner
+        if fault is None:
+            return await self._guarded(lambda: inner.receive(max_bytes))
+        if fault.kind is FaultKind.SHORT and max_bytes >= 2:
+            limit = _limit(max_bytes, fault.u)
+            self._record("recv", op, fault.kind, f"{limit}/{max_bytes}")
+            return await self._guarded(lambda: inner.receive(limit))
+        return await self._common(fault, "recv", op, lambda: inner.receive(max_bytes))
+
+    async def _receive_into(self, into: ReceiveInto, view: memoryview) -> int:
+        self._check_usable()
+        fault, op = self._next("recv")
+        if fault is None:
+            return await self._guarded(lambda: into.receive_into(view))
+        size = len(view)
+        if fault.kind is FaultKind.SHORT and size >= 2:
+            limit = _limit(size, fault.u)
+            self._record("recv", op, fault.kind, f"{limit}/{size}")
+            return await self._guarded(lambda: into.receive_into(view[:limit]))
+        return await self._common(fault, "recv", op, lambda: into.receive_into(view))
+
+    async def send_eof(self) -> None:
+        self._check_usable()
+        self._eof_sent = True
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        if self._state != "closed":
+            self._state = "closed"
+            self._wake_others()
+        if self._inner_closed:
+            await checkpoint()
+            return
+        self._inner_closed = True
+        await self.inner.aclose()
+
+    # -- machinery -----------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._state == "closed":
+            raise anyio.ClosedResourceError
+        if self._state == "broken":
+            raise anyio.BrokenResourceError("connection reset by chaos")
+
+    def _next(self, direction: Direction) -> tuple[Fault | None, int]:
+        op = self._ops[direction]
+        self._ops[direction] = op + 1
+        fault = self.scheduler.decide(self.side, self.conn, self.generation, direction, op)
+        return fault, op
+
+    def _record(self, direction: Direction, op: int, kind: FaultKind, detail: str = "") -> None:
+        self.log.record(
+            FaultRecord(self.side, self.conn, self.generation, direction, op, kind, detail)
+        )
+
+    async def _common(
+        self, fault: Fault, direction: Direction, op: int, call: Callable[[], Awaitable[_T]]
+    ) -> _T:
+        """The faults that do not care which operation they hit."""
+        kind = fault.kind
+        if kind is FaultKind.RESET:
+            self._record(direction, op, kind)
+            await self._reset()
+            raise anyio.BrokenResourceError("connection reset by chaos")
+        if kind is FaultKind.STALL:
+            self._record(direction, op, kind)
+            await self._guarded(anyio.sleep_forever)
+            raise AssertionError("unreachable: sleep_forever returned")  # pragma: no cover
+        if kind is FaultKind.DELAY:
+            self._record(direction, op, kind, f"{fault.delay_ms} ms")
+
+            async def delayed() -> _T:
+                await anyio.sleep(fault.delay_ms / 1000)
+                return await call()
+
+            return await self._guarded(delayed)
+        # Drawn but inapplicable here (fragmenting one byte, corrupting a receive): no fault.
+        return await self._guarded(call)
+
+    async def _guarded(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        """Run one operation so that a reset or close from another task can interrupt it."""
+        scope = anyio.CancelScope()
+        self._inflight.add(scope)
+        try:
+            with scope:
+                return await call()
+        finally:
+            self._inflight.discard(scope)
+        # Only reached when our own scope was cancelled, i.e. by _wake_others.
+        self._check_usable()
+        raise anyio.BrokenResourceError  # pragma: no cover - the state always explains it
+
+    def _wake_others(self) -> None:
+        for scope in list(self._inflight):
+            scope.cancel()
+
+    async def _reset(self) -> None:
+        self._state = "broken"
+        self._wake_others()
+        if not self._inner_closed:
+            self._inner_closed = True
+            await anyio.aclose_forcefully(self.inner)
+
+
+class _ChaosStreamInto(ChaosStream):
+    """The variant for inner streams that receive straight into a caller's buffer."""
+
+    async def receive_into(self, view: memoryview) -> int:
+        """Receive into ``view``; 0 means end of stream.  Faults may return fewer bytes."""
+        assert isinstance(self.inner, ReceiveInto)
+        return await self._receive_into(self.inner, view)
+
+
+async def _send_pieces(
+    inner: anyio.abc.ByteStream, view: memoryview, pieces: list[int]
+) -> None:
+    start = 0
+    for n in pieces:
+        await inner.send(view[start : start + n])  # type: ignore[arg-type]
+        start += n
+
+
+def _cuts(size: int, u: tuple[float, ...]) -> list[int]:
+    """Split ``size`` (>= 2) bytes into 2-4 non-empty pieces at seeded places."""
+    wanted = 2 + min(int(u[0] * 3), 2)
+    points = sorted({1 + min(int(x * (size - 1)), size - 2) for x in u[1:wanted]})
+    bounds = [0, *points, size]
+    return [b - a for a, b in itertools.pairwise(bounds)]
+
+
+def _limit(size: int, u: tuple[float, ...]) -> int:
+    """A seeded read size in [1, size - 1]: always fewer bytes than the caller asked for."""
+    return 1 + min(int(u[0] * (size - 1)), size - 2)
