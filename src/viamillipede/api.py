@@ -6,7 +6,7 @@ program alike.  The command line is a thin shell over :func:`send` and :func:`re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 import anyio.abc
@@ -28,6 +28,13 @@ from .transport import ConnectFailed, connect, listen
 Target = tuple[str, int]
 
 
+#: Puts a wrapper (e.g. fault injection) around a new transmitter connection:
+#: ``wrap(connection index, reconnect generation, stream)``.
+ClientWrapper = Callable[[int, int, anyio.abc.ByteStream], anyio.abc.ByteStream]
+#: The same for the receiver: ``wrap(accept counter, stream)``.
+ServerWrapper = Callable[[int, anyio.abc.ByteStream], anyio.abc.ByteStream]
+
+
 def spread(targets: Sequence[Target], threads: int) -> list[Target]:
     """Which target each connection uses: round-robin over the list, as the C original does,
     so a target named twice gets twice the share."""
@@ -46,21 +53,27 @@ async def send(
     checksum: bool = False,
     checkphrase: str = DEFAULT_CHECKPHRASE,
     idle_timeout: float = DEFAULT_TIMEOUT,
+    wrap: ClientWrapper | None = None,
 ) -> TransferStats:
     """Send everything ``source`` yields to the receiver(s) at ``targets``.
 
+    ``targets`` are in preference order: the first is filled before the next gets chunks.
     Returns once the receiver confirmed that every byte was written; raises a
     :class:`~viamillipede.errors.ViamillipedeError` subclass otherwise.
     """
     plan = spread(targets, threads)
+    generations = [0] * threads
 
     async def open_connection(index: int) -> anyio.abc.ByteStream:
         host, port = plan[index]
         try:
             with anyio.fail_after(CONNECT_TIMEOUT):
-                return await connect(host, port)
+                stream: anyio.abc.ByteStream = await connect(host, port)
         except TimeoutError:
             raise ConnectFailed(f"connecting to {host} port {port} timed out") from None
+        generation = generations[index]
+        generations[index] += 1
+        return wrap(index, generation, stream) if wrap else stream
 
     tx = Transmitter(
         source,
@@ -72,6 +85,7 @@ async def send(
         checkphrase=checkphrase,
         idle_timeout=idle_timeout,
         describe=lambda i: f"connection {i} to {plan[i][0]}:{plan[i][1]}",
+        rank=lambda i: list(targets).index(plan[i]),
     )
     return await tx.run()
 
@@ -83,6 +97,7 @@ async def receive(
     host: str | None = None,
     checkphrase: str = DEFAULT_CHECKPHRASE,
     idle_timeout: float = DEFAULT_TIMEOUT,
+    wrap: ServerWrapper | None = None,
     task_status: TaskStatus[int] = TASK_STATUS_IGNORED,
 ) -> TransferStats:
     """Listen on ``port`` and write one session's stream, in order, to ``sink``.
@@ -90,13 +105,22 @@ async def receive(
     Use with ``await task_group.start(receive, sink, 0)`` to learn the bound port (0 picks a
     free one) once the socket is listening.
     """
-    listener = listen(port, host)
+    tcp = listen(port, host)
+    accepted = 0
+
+    class _Wrapped:
+        async def accept(self) -> anyio.abc.ByteStream:
+            nonlocal accepted
+            stream: anyio.abc.ByteStream = await tcp.accept()
+            accepted += 1
+            return wrap(accepted - 1, stream) if wrap else stream
+
     try:
-        task_status.started(listener.port)
+        task_status.started(tcp.port)
         receiver = Receiver(sink, checkphrase=checkphrase, idle_timeout=idle_timeout)
-        return await receiver.serve(listener)
+        return await receiver.serve(_Wrapped())
     finally:
-        await listener.aclose()
+        await tcp.aclose()
 
 
 class BytesSource:

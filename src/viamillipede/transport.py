@@ -162,12 +162,26 @@ def _format_addr(addr: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+#: Socket options that make the kernel give up on a dead peer by itself: keepalive probes
+#: find an idle connection whose peer vanished (25 s), TCP_USER_TIMEOUT a connection whose sent
+#: data stays unacknowledged (30 s).  The sessions' own stall detection usually acts first;
+#: these catch what it cannot see, such as a receiver's idle spare connections.
+_KEEPALIVE_OPTIONS = [
+    (socket.IPPROTO_TCP, "TCP_NODELAY", 1),  # ACK frames are tiny and latency-bound
+    (socket.SOL_SOCKET, "SO_KEEPALIVE", 1),
+    (socket.IPPROTO_TCP, "TCP_KEEPIDLE", 10),
+    (socket.IPPROTO_TCP, "TCP_KEEPINTVL", 5),
+    (socket.IPPROTO_TCP, "TCP_KEEPCNT", 3),
+    (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", 30_000),
+]
+
+
 def _tune(sock: socket.socket) -> None:
-    # ACK frames are tiny and latency-bound; Nagle would hold them back behind delayed ACKs.
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for level, name, value in _KEEPALIVE_OPTIONS:
+        option = getattr(socket, name, None)
+        if option is not None:  # not every platform has every option
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
 
 
 async def connect(host: str, port: int) -> SocketStream:
