@@ -27,11 +27,17 @@ class SignallingSink(BufferSink):
         super().__init__()
         self.threshold = threshold
         self.reached = anyio.Event()
+        self._more = anyio.Event()
 
     async def write(self, data: memoryview) -> None:
         await super().write(data)
         if len(self.data) >= self.threshold:
             self.reached.set()
+        self._more.set()
+        self._more = anyio.Event()
+
+    async def wait_for_more(self) -> None:
+        await self._more.wait()
 
 
 async def run_session(
@@ -317,3 +323,57 @@ async def test_receiver_listens_on_ipv4_and_ipv6(address: str) -> None:
             port = await tg.start(receive, sink, 0)
             await send(BytesSource(data), [(address, port)], threads=2, chunk_size=8192)
     assert sink.data == data
+
+
+class Counting(anyio.abc.ByteStream):
+    """Counts the bytes a transmitter connection sends."""
+
+    def __init__(self, inner: anyio.abc.ByteStream, tally: dict[int, int], index: int) -> None:
+        self.inner, self.tally, self.index = inner, tally, index
+
+    async def send(self, item: bytes | bytearray | memoryview) -> None:
+        self.tally[self.index] = self.tally.get(self.index, 0) + len(item)
+        await self.inner.send(item)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.inner.receive(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("slow", [True, False])
+async def test_first_target_is_filled_before_the_next(slow: bool) -> None:
+    """Connections 1 and 3 go to the preferred target, 0 and 2 to the second one (so the
+    preference, not the connection number, must decide)."""
+    written = SignallingSink(0)
+    chunks = 40
+
+    class Source(BytesSource):
+        async def readinto(self, view: memoryview) -> int:
+            if slow:  # the next chunk exists only once the previous one is written
+                while len(written.data) < self._pos:
+                    await written.wait_for_more()
+            return await super().readinto(view)
+
+    tally: dict[int, int] = {}
+    net = MemoryNetwork()
+    net.wrap = lambda i, s: Counting(s, tally, i)
+    data = os.urandom(chunks * CHUNK)
+    tx = Transmitter(Source(data), net.connect, threads=4, chunk_size=CHUNK,
+                     rank=lambda i: (i + 1) % 2)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(Receiver(written).serve, net)
+            await tx.run()
+            tg.cancel_scope.cancel()
+    assert bytes(written.data) == data
+    preferred = tally.get(1, 0) + tally.get(3, 0)
+    spare = tally.get(0, 0) + tally.get(2, 0)
+    if slow:
+        assert spare < CHUNK  # handshakes only: no chunk ever spilled over
+    else:
+        assert spare > 4 * CHUNK and preferred > 4 * CHUNK
