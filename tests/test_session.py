@@ -374,6 +374,7 @@ async def test_first_target_is_filled_before_the_next(slow: bool) -> None:
     preferred = tally.get(1, 0) + tally.get(3, 0)
     spare = tally.get(0, 0) + tally.get(2, 0)
     if slow:
-        assert spare < CHUNK  # handshakes only: no chunk ever spilled over
+        # At most the very first chunk, taken before the preferred connections were up.
+        assert spare < 2 * CHUNK
     else:
         assert spare > 4 * CHUNK and preferred > 4 * CHUNK
