@@ -303,6 +303,29 @@ class ChaosScheduler:
             generation = self.next_generation(side, conn)
         return ChaosStream(stream, self, side, conn, generation, self.log)
 
+    def transmitter_wrapper(
+        self,
+    ) -> Callable[[int, int, anyio.abc.ByteStream], anyio.abc.ByteStream]:
+        """The ``wrap`` hook of :func:`viamillipede.send`: (index, generation, stream)."""
+
+        def wrap(index: int, generation: int, stream: anyio.abc.ByteStream) -> ChaosStream:
+            return self.wrap(stream, side="tx", conn=index, generation=generation)
+
+        return wrap
+
+    def receiver_wrapper(self) -> Callable[[int, anyio.abc.ByteStream], anyio.abc.ByteStream]:
+        """The ``wrap`` hook of :func:`viamillipede.receive`: (accept counter, stream).
+
+        The receiver cannot know a connection's index before its HELLO, so its streams are
+        numbered in accept order, each with generation 0.  Over real sockets that order depends
+        on the network, so receiver-side faults replay exactly only where accepts are ordered.
+        """
+
+        def wrap(accepted: int, stream: anyio.abc.ByteStream) -> ChaosStream:
+            return self.wrap(stream, side="rx", conn=accepted, generation=0)
+
+        return wrap
+
     def wrap_connector(
         self,
         connect: Callable[[int], Awaitable[anyio.abc.ByteStream]],

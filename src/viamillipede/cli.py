@@ -153,6 +153,10 @@ class _Words:
         return self.next()
 
 
+#: Words that take no value, so ``--checksum=off`` is an error rather than a silent "on".
+_SWITCHES = frozenset({"help", "version", "quiet", "checksum", "checksums"})
+
+
 def parse(argv: Sequence[str]) -> Config | str:
     """Parse arguments into a Config, or return text to print (``--help``, ``--version``)."""
     cfg = Config()
@@ -174,6 +178,8 @@ def parse(argv: Sequence[str]) -> Config | str:
         def arg(what: str, *, _w: str = raw, _inline: str | None = inline) -> str:
             return _inline if _inline is not None else words.value(_w, what)
 
+        if inline is not None and word in _SWITCHES:
+            raise UsageError(f"{raw} takes no value")
         if raw in ("-h", "--help", "help"):
             return HELP
         if raw == "--version":

@@ -139,6 +139,7 @@ class Receiver:
         self._arrived = Notifier()
         self._progress = Notifier()
         self._conns: dict[int, _Conn] = {}
+        self._conn_closed = Notifier()
         self._complete = anyio.Event()
         self._succeeded = False
         self._error: ViamillipedeError | None = None
@@ -192,7 +193,9 @@ class Receiver:
         try:
             await self._handle(conn)
         except (LinkBroken, *STREAM_ERRORS) as exc:
-            log.warning("connection from %s broke: %s", name, exc)
+            # Once the session is over, peers hanging up on us is expected, not news.
+            level = logging.DEBUG if self._complete.is_set() else logging.WARNING
+            log.log(level, "connection from %s broke: %s", name, exc)
         except ProtocolError as exc:
             self._counters.rejected += 1
             log.warning("dropped connection from %s: %s", name, exc)
@@ -200,6 +203,7 @@ class Receiver:
             self._fail(exc)
         finally:
             conn.closed = True
+            self._conn_closed.notify()
             if self._conns.get(conn.index) is conn:
                 del self._conns[conn.index]
             await _close(stream)
@@ -236,6 +240,14 @@ class Receiver:
             for conn in conns:
                 while not conn.idle and not conn.closed:
                     await conn.drained.wait()
+        # Half-close and let the transmitter hang up first: closing a socket that still holds
+        # unread data sends a reset, which can destroy the ERROR frame before it is read.
+        for conn in conns:
+            with contextlib.suppress(*STREAM_ERRORS):
+                await conn.stream.send_eof()
+        with anyio.move_on_after(1.0):
+            while any(not c.closed for c in conns):
+                await self._conn_closed.wait()
 
     async def _watchdog(self) -> None:
         while True:
@@ -247,7 +259,7 @@ class Receiver:
             if self.session_id is not None:
                 raise PeerTimeout(
                     f"the transmitter has been silent for {self._timeout:g} s; "
-                    f"{self._counters.nbytes} bytes were delivered ({self._reorder.written} chunks)"
+                    f"{self._counters.nbytes} bytes were delivered"
                 )
             # Nobody has connected yet: a receiver may be started long before its transmitter.
             self._last_activity = now
@@ -316,7 +328,9 @@ class Receiver:
                                          self._reorder.written)))
         if status != WelcomeStatus.ACCEPTED:
             self._counters.rejected += 1
-            log.warning("rejected connection from %s: %s", conn.name, _REASONS[status])
+            # A late connection of the session that just finished is routine.
+            level = logging.INFO if status == WelcomeStatus.SESSION_OVER else logging.WARNING
+            log.log(level, "rejected connection from %s: %s", conn.name, _REASONS[status])
             return
         self._last_activity = anyio.current_time()
         self._counters.connections += 1
@@ -339,7 +353,8 @@ class Receiver:
         try:
             await conn.sender(lambda: self._reorder.written)
         except STREAM_ERRORS as exc:
-            log.warning("connection %d from %s broke: %s", conn.index, conn.name, exc)
+            level = logging.DEBUG if self._complete.is_set() else logging.WARNING
+            log.log(level, "connection %d from %s broke: %s", conn.index, conn.name, exc)
             conn.closed = True
             scope.cancel()
 

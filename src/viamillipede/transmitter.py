@@ -284,7 +284,8 @@ class Transmitter:
             if not self._sw.all_acked() or self._bye_state != "none":
                 raise PeerTimeout(
                     f"no progress from the receiver for {self._timeout:g} s "
-                    f"({self._sw.written} chunks confirmed written); is it still running?"
+                    f"({self._sw.written} of {self._sw.next_seq} chunks confirmed written); "
+                    "is it still running?"
                 )
             # Waiting on a slow source is not the receiver's fault.
             self._last_progress = now
@@ -315,6 +316,8 @@ class Transmitter:
                 await self._done.wait()
                 return
             except LinkBroken as exc:
+                if self._done.is_set():
+                    return  # the session ended (well or badly); its connections go with it
                 log.warning("%s broke: %s; its chunks go to the other connections", name, exc)
             if progressed[0]:
                 delay = BACKOFF_START  # it worked for a while: a quick reconnect is fair
