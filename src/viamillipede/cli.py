@@ -11,9 +11,13 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import ExitCode, UsageError, ViamillipedeError
+
+if TYPE_CHECKING:
+    from .chaos import ChaosScheduler
 from .options import (
     DEFAULT_CHECKPHRASE,
     DEFAULT_CHUNK_SIZE,
@@ -61,7 +65,12 @@ Words (the original grammar, any order) and their --flag spellings:
                                          (default {DEFAULT_TIMEOUT:g})
   verbose N           --verbose N, -v    0 errors only, 1 warnings and a summary
                                          (default), 2 connection events, 3 debug
-  chaos SEED          --chaos SEED       accepted; fault injection is not active yet
+  chaos SEED          --chaos SEED       inject seeded faults (resets, stalls, delays,
+                                         fragmentation; corruption with checksum):
+                                         the same seed breaks the same operations
+                      --chaos-rate P     chance of a fault per operation (0.02)
+                      --chaos-faults L   e.g. reset,delay (of reset stall delay
+                                         short corrupt)
                       --chunk-size BYTES chunk size, e.g. 512K, 2M (default 2M)
                       --listen ADDR      rx only: listen on ADDR instead of all
                       --quiet, -q        same as verbose 0
@@ -90,6 +99,8 @@ class Config:
     checksum: bool = False
     checkphrase: str = DEFAULT_CHECKPHRASE
     chaos: int | None = None
+    chaos_rate: float | None = None
+    chaos_faults: tuple[str, ...] | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
     timeout: float = DEFAULT_TIMEOUT
 
@@ -122,6 +133,27 @@ def _size(word: str, value: str) -> int:
     if not MIN_CHUNK_SIZE <= n <= MAX_CHUNK_SIZE:
         raise UsageError(f"{word} must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes")
     return n
+
+
+_FAULTS = ("reset", "stall", "delay", "short", "corrupt")
+
+
+def _rate(value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        raise UsageError(f"--chaos-rate needs a probability like 0.02, got {value!r}") from None
+    if not 0.0 <= rate <= 1.0:
+        raise UsageError("--chaos-rate must be between 0 and 1")
+    return rate
+
+
+def _faults(value: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    bad = [n for n in names if n not in _FAULTS]
+    if bad or not names:
+        raise UsageError(f"--chaos-faults takes a list of {', '.join(_FAULTS)}; got {value!r}")
+    return names
 
 
 def _seconds(word: str, value: str) -> float:
@@ -217,6 +249,10 @@ def parse(argv: Sequence[str]) -> Config | str:
             cfg.checkphrase = phrase
         elif word == "chaos":
             cfg.chaos = _int("chaos", arg("a seed"), 0, 2**63 - 1)
+        elif raw == "--chaos-rate":
+            cfg.chaos_rate = _rate(arg("a probability"))
+        elif raw == "--chaos-faults":
+            cfg.chaos_faults = _faults(arg("a list of faults"))
         elif word == "timeout":
             cfg.timeout = _seconds("timeout", arg("seconds"))
         elif raw == "--chunk-size":
@@ -230,6 +266,10 @@ def parse(argv: Sequence[str]) -> Config | str:
         raise UsageError("say what to do: rx PORT or tx HOST PORT; see --help")
     if cfg.listen is not None and cfg.mode != "rx":
         raise UsageError("--listen goes with rx")
+    if cfg.chaos is None and (cfg.chaos_rate is not None or cfg.chaos_faults is not None):
+        raise UsageError("--chaos-rate and --chaos-faults need chaos SEED")
+    if cfg.chaos_faults and "corrupt" in cfg.chaos_faults and not cfg.checksum:
+        raise UsageError("chaos fault 'corrupt' needs checksum, or the output will be damaged")
     return cfg
 
 
@@ -255,16 +295,15 @@ def _run(cfg: Config, log: logging.Logger) -> None:
     from .api import receive, send
     from .transport import FdSink, FdSource
 
-    if cfg.chaos is not None:
-        log.warning("chaos %d accepted, but fault injection is not active in this version",
-                    cfg.chaos)
+    chaos = _chaos(cfg, log)
 
     async def main() -> None:
         if cfg.mode == "rx":
             sink = FdSink(sys.stdout.fileno())
             try:
                 stats = await receive(sink, cfg.port, host=cfg.listen,
-                                      checkphrase=cfg.checkphrase, idle_timeout=cfg.timeout)
+                                      checkphrase=cfg.checkphrase, idle_timeout=cfg.timeout,
+                                      wrap=chaos.receiver_wrapper() if chaos else None)
             finally:
                 await sink.aclose()
         else:
@@ -272,12 +311,38 @@ def _run(cfg: Config, log: logging.Logger) -> None:
             try:
                 stats = await send(source, cfg.targets, threads=cfg.threads,
                                    chunk_size=cfg.chunk_size, checksum=cfg.checksum,
-                                   checkphrase=cfg.checkphrase, idle_timeout=cfg.timeout)
+                                   checkphrase=cfg.checkphrase, idle_timeout=cfg.timeout,
+                                   wrap=chaos.transmitter_wrapper() if chaos else None)
             finally:
                 await source.aclose()
         log.log(NOTE, "%s", stats.summary())
 
-    anyio.run(main, backend="trio")
+    try:
+        anyio.run(main, backend="trio")
+    finally:
+        if chaos is not None:
+            counts = ", ".join(f"{n} {k}" for k, n in sorted(chaos.log.summary().items()) if n)
+            log.log(NOTE, "chaos seed %d injected %s", cfg.chaos, counts or "no faults")
+
+
+def _chaos(cfg: Config, log: logging.Logger) -> ChaosScheduler | None:
+    """The fault injector the command line asked for, if any.
+
+    By default it injects everything the session can survive on its own: resets, delays,
+    fragmentation and silent stalls (the stall detector handles those), plus corrupted payload
+    bytes when checksums are on to catch them.
+    """
+    if cfg.chaos is None:
+        return None
+    from .chaos import DEFAULT_RATE, ChaosScheduler
+
+    faults = cfg.chaos_faults or ("reset", "stall", "delay", "short") + (
+        ("corrupt",) if cfg.checksum else ()
+    )
+    rate = DEFAULT_RATE if cfg.chaos_rate is None else cfg.chaos_rate
+    log.warning("chaos: seed %d, rate %g, faults %s", cfg.chaos, rate, ",".join(faults))
+    return ChaosScheduler(cfg.chaos, rate=rate, kinds=faults)
+
 
 
 def main(argv: Sequence[str] | None = None, *, run: Callable[[Config, logging.Logger], None]
