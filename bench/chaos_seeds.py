@@ -46,7 +46,9 @@ def tool() -> list[str]:
     return [str(here)] if here.exists() else [shutil.which("viamillipede") or "viamillipede"]
 
 
-def run_seed(seed: int, src: Path, out: Path, args: argparse.Namespace) -> tuple[bool, float, list[str]]:
+def run_seed(
+    seed: int, src: Path, out: Path, args: argparse.Namespace
+) -> tuple[bool, float, list[str]]:
     port = free_port()
     extra = ["chaos", str(seed), "--chaos-rate", str(args.rate), "timeout", "60"]
     extra += ["verbose", "1"]
