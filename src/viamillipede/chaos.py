@@ -56,6 +56,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Final, Literal, TypeVar
 
 import anyio
@@ -105,13 +106,15 @@ DEFAULT_KINDS: Final[frozenset[FaultKind]] = frozenset(
 DEFAULT_RATE: Final = 0.02
 
 #: Relative frequency of the kinds once an operation is picked for a fault.
-DEFAULT_WEIGHTS: Final[Mapping[FaultKind, float]] = {
-    FaultKind.RESET: 1.0,
-    FaultKind.STALL: 1.0,
-    FaultKind.DELAY: 4.0,
-    FaultKind.SHORT: 4.0,
-    FaultKind.CORRUPT: 2.0,
-}
+DEFAULT_WEIGHTS: Final[Mapping[FaultKind, float]] = MappingProxyType(
+    {
+        FaultKind.RESET: 1.0,
+        FaultKind.STALL: 1.0,
+        FaultKind.DELAY: 4.0,
+        FaultKind.SHORT: 4.0,
+        FaultKind.CORRUPT: 2.0,
+    }
+)
 
 #: Changing how decisions are derived changes every seed's meaning, so the derivation is
 #: versioned; bump it rather than silently re-mapping old seeds.
@@ -143,10 +146,10 @@ class FaultRecord:
     sorting, whatever order the tasks happened to run in.
     """
 
-    side: str
+    side: Side
     conn: int
     generation: int
-    direction: str
+    direction: Direction
     op: int
     kind: FaultKind
     detail: str
