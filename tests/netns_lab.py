@@ -21,25 +21,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import itertools
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
-MiB = 1024 * 1024
+from procs import Feeder, random_file, sha256_file, wait_until
+from procs import MiB as MiB  # re-exported: test_netns imports it (and wait_until) from here
+
 PORT = 8834
 CMD_TIMEOUT = 15.0  # any one `ip` / `tc` command
 VM = str(Path(sys.executable).with_name("viamillipede"))
@@ -61,17 +60,6 @@ def sh(argv: Sequence[str], *, check: bool = True, timeout: float = CMD_TIMEOUT,
     return proc
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float,
-               poll: float = 0.01) -> float:
-    """Poll ``condition`` until it holds and return the seconds it took; fail after ``timeout``."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(poll)
-    return time.monotonic() - start
-
-
 def tail(path: Path, lines: int = 12) -> str:
     """The last lines of a log file, for failure messages."""
     try:
@@ -79,14 +67,6 @@ def tail(path: Path, lines: int = 12) -> str:
     except FileNotFoundError:
         return "(no file)"
     return "\n".join(text.splitlines()[-lines:]) or "(empty)"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(4 * MiB):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_size(path: Path) -> int:
@@ -98,16 +78,7 @@ def file_size(path: Path) -> int:
 
 def pattern_file(path: Path, size: int, seed: int) -> str:
     """Write ``size`` deterministic pseudo-random bytes to ``path``; return their sha256."""
-    rng = random.Random(seed)
-    h = hashlib.sha256()
-    with path.open("wb") as f:
-        left = size
-        while left:
-            block = rng.randbytes(min(left, 8 * MiB))
-            h.update(block)
-            f.write(block)
-            left -= len(block)
-    return h.hexdigest()
+    return random_file(path, size, seed).digest
 
 
 @functools.cache
@@ -128,59 +99,6 @@ def namespaces_unavailable() -> str | None:
         return f"`ip netns add` failed: {made.stderr.strip()}"
     sh(["ip", "netns", "del", probe], check=False)
     return None
-
-
-# -- the slow source ----------------------------------------------------------------------------
-
-
-class Feeder:
-    """Writes deterministic pseudo-random bytes into a pipe at a fixed rate, from a thread.
-
-    ``rate`` bytes per second for ``total`` bytes, then closes the pipe (end of stream).  The
-    pacing sleeps are the feeder's clock, not synchronisation.  If the reader goes away the
-    feeder stops and records the error; ``sha256`` is the digest of what was written.
-    """
-
-    BLOCK = 64 * 1024
-
-    def __init__(self, pipe: IO[bytes], rate: float, total: int, seed: int = 1) -> None:
-        self.pipe = pipe
-        self.rate = rate
-        self.total = total
-        self.seed = seed
-        self.written = 0
-        self.error: BaseException | None = None
-        self._hash = hashlib.sha256()
-        self._thread = threading.Thread(target=self._run, name="feeder", daemon=True)
-
-    @property
-    def sha256(self) -> str:
-        return self._hash.hexdigest()
-
-    def start(self) -> Feeder:
-        self._thread.start()
-        return self
-
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        rng = random.Random(self.seed)
-        start = time.monotonic()
-        try:
-            while self.written < self.total:
-                block = rng.randbytes(min(self.BLOCK, self.total - self.written))
-                self.pipe.write(block)
-                self._hash.update(block)
-                self.written += len(block)
-                ahead = start + self.written / self.rate - time.monotonic()
-                if ahead > 0:
-                    time.sleep(ahead)
-        except (BrokenPipeError, ValueError, OSError) as exc:  # the transmitter went away
-            self.error = exc
-        finally:
-            with contextlib.suppress(OSError):
-                self.pipe.close()
 
 
 # -- one transfer -------------------------------------------------------------------------------

@@ -1,269 +1,40 @@
 """End to end through real ``viamillipede`` processes on 127.0.0.1.
 
 The receiver is started first; the transmitter retries its connections until the receiver
-listens, so ordering needs no sleeps.  Every process writes stdout and stderr to files (no pipe
-can fill up and stall it), every wait is bounded, and any process still running when a test
-ends is killed.  Where a test must observe a process's progress it polls with a deadline.
+listens, so ordering needs no sleeps.  The processes are run by tests/procs.py: output to files,
+every wait bounded, anything still running at the end of a test killed.  Where a test must
+observe a process's progress it polls with a deadline.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import select
 import signal
-import socket
 import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any
 
 import pytest
 
-VM = [sys.executable, "-m", "viamillipede"]
-HOST = "127.0.0.1"
+from procs import (
+    WAIT,
+    MiB,
+    Procs,
+    assert_delivered,
+    assert_tx_ok,
+    bytes_file,
+    connect_when_listening,
+    free_port,
+    one_error_line,
+    procs_fixture,  # noqa: F401  (the ``procs`` fixture)
+    random_file,
+    sha256_file,
+    transfer,
+    wait_until,
+)
+
 CHUNK = 64 * 1024
 SMALL_CHUNK = ["--chunk-size", "64K"]
-WAIT = 60.0  # the most any process may take; a hang fails the test instead of the suite
-MiB = 1024 * 1024
-
-
-# -- helpers -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(4 * MiB):
-            h.update(block)
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class Payload:
-    path: Path
-    size: int
-    digest: str
-
-
-def random_file(path: Path, size: int) -> Payload:
-    """Fill ``path`` with ``size`` random bytes."""
-    h = hashlib.sha256()
-    with path.open("wb") as f:
-        left = size
-        while left:
-            block = os.urandom(min(left, 8 * MiB))
-            h.update(block)
-            f.write(block)
-            left -= len(block)
-    return Payload(path, size, h.hexdigest())
-
-
-def bytes_file(path: Path, data: bytes) -> Payload:
-    path.write_bytes(data)
-    return Payload(path, len(data), hashlib.sha256(data).hexdigest())
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.01)
-
-
-def connect_when_listening(port: int, timeout: float = 20.0) -> socket.socket:
-    """A raw connection to the receiver, retried until it listens."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return socket.create_connection((HOST, port), timeout=5)
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                pytest.fail(f"nothing listens on port {port} after {timeout:g} s")
-            time.sleep(0.01)
-
-
-class Proc:
-    """One viamillipede process whose stdout and stderr go to files."""
-
-    def __init__(self, popen: subprocess.Popen[bytes], name: str, out: Path, err: Path) -> None:
-        self.popen = popen
-        self.name = name
-        self.out = out
-        self.err = err
-
-    @property
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def stderr_lines(self) -> list[str]:
-        return self.stderr.splitlines()
-
-    def out_size(self) -> int:
-        return self.out.stat().st_size if self.out.exists() else 0
-
-    def running(self) -> bool:
-        return self.popen.poll() is None
-
-    def _timed_out(self, what: str) -> None:
-        self.popen.kill()
-        self.popen.wait()
-        pytest.fail(f"{self.name} {what}; killed it; stderr:\n{self.stderr}")
-
-    def feed(self, data: bytes, timeout: float = WAIT) -> None:
-        """Write ``data`` to the stdin pipe and leave it open; fail if the process stops reading."""
-        stdin = self.popen.stdin
-        assert stdin is not None
-        failed: list[BaseException] = []
-
-        def write() -> None:
-            try:
-                stdin.write(data)
-                stdin.flush()
-            except BaseException as exc:
-                failed.append(exc)
-
-        writer = threading.Thread(target=write, daemon=True)
-        writer.start()
-        writer.join(timeout)
-        if writer.is_alive():
-            self._timed_out(f"read nothing from stdin for {timeout:g} s")  # frees the writer
-        if failed:
-            raise failed[0]
-
-    def wait(self, timeout: float = WAIT) -> int:
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self._timed_out(f"still running after {timeout:g} s")
-            raise  # unreachable: pytest.fail raises
-
-    def finish(self, code: int, timeout: float = WAIT) -> str:
-        """Wait for exit, check the status and that nothing crashed; return stderr."""
-        got = self.wait(timeout)
-        err = self.stderr
-        assert "Traceback" not in err, f"{self.name} crashed:\n{err}"
-        assert got == code, f"{self.name} exited {got}, expected {code}; stderr:\n{err}"
-        return err
-
-    def wait4(self, timeout: float = WAIT) -> tuple[int, int]:
-        """Reap the process ourselves with os.wait4; return (exit code, peak RSS in KiB)."""
-        pid = self.popen.pid
-        pidfd = os.pidfd_open(pid)
-        try:
-            ready, _, _ = select.select([pidfd], [], [], timeout)
-        finally:
-            os.close(pidfd)
-        if not ready:
-            self._timed_out(f"still running after {timeout:g} s")
-        _, status, usage = os.wait4(pid, 0)
-        self.popen.returncode = os.waitstatus_to_exitcode(status)  # Popen must not reap again
-        return self.popen.returncode, usage.ru_maxrss
-
-
-class Procs:
-    """Starts viamillipede processes in a test's directory and cleans up after them."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.dir = tmp_path
-        self.procs: list[Proc] = []
-        self.inputs: list[subprocess.Popen[bytes]] = []
-
-    def start(
-        self, name: str, args: list[str], stdin: Any = subprocess.DEVNULL, stdout: Any = None
-    ) -> Proc:
-        out = self.dir / f"{name}.out"
-        err = self.dir / f"{name}.err"
-        opened: list[IO[bytes]] = []
-        if isinstance(stdin, Path):
-            stdin = stdin.open("rb")
-            opened.append(stdin)
-        if stdout is None:
-            stdout = out.open("wb")
-            opened.append(stdout)
-        errf = err.open("wb")
-        try:
-            popen = subprocess.Popen([*VM, *args], stdin=stdin, stdout=stdout, stderr=errf)
-        finally:
-            for f in (*opened, errf):
-                f.close()
-        proc = Proc(popen, name, out, err)
-        self.procs.append(proc)
-        return proc
-
-    def rx(self, port: int, *args: str, name: str = "rx", stdout: Any = None) -> Proc:
-        return self.start(name, ["rx", str(port), *args], stdout=stdout)
-
-    def tx(self, port: int, *args: str, stdin: Any, name: str = "tx") -> Proc:
-        return self.start(name, ["tx", HOST, str(port), *args], stdin=stdin)
-
-    def cat(self, path: Path) -> subprocess.Popen[bytes]:
-        """``cat path |``: returns the process; pass its stdout as a transmitter's stdin."""
-        popen = subprocess.Popen(["cat", str(path)], stdout=subprocess.PIPE)
-        self.inputs.append(popen)
-        return popen
-
-    def cleanup(self) -> None:
-        for popen in [p.popen for p in self.procs] + self.inputs:
-            if popen.returncode is None and popen.poll() is None:
-                popen.kill()
-                popen.wait()
-            for stream in (popen.stdin, popen.stdout):
-                if stream is not None:
-                    stream.close()
-        # Big payloads are not worth keeping among pytest's retained temporary directories.
-        for path in self.dir.iterdir():
-            if path.is_file() and path.stat().st_size > 4 * MiB:
-                path.unlink()
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    try:
-        yield p
-    finally:
-        p.cleanup()
-
-
-def assert_tx_ok(tx: Proc) -> None:
-    tx.finish(0)
-    assert tx.out_size() == 0, "the transmitter wrote to stdout"
-
-
-def assert_delivered(rx: Proc, payload: Payload) -> None:
-    rx.finish(0)
-    assert rx.out_size() == payload.size
-    assert sha256_file(rx.out) == payload.digest
-
-
-def transfer(procs: Procs, port: int, rx: Proc, payload: Payload, *tx_args: str) -> None:
-    """Send ``payload`` from a file to the running ``rx``; both must succeed, byte for byte."""
-    tx = procs.tx(port, *tx_args, stdin=payload.path, name=f"tx-{payload.path.name}")
-    assert_tx_ok(tx)
-    assert_delivered(rx, payload)
-
-
-def one_error_line(err: str, *needles: str) -> str:
-    """The stderr has exactly one line, and it mentions every needle (case-insensitively)."""
-    lines = err.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    for needle in needles:
-        assert needle.lower() in lines[0].lower(), lines[0]
-    return lines[0]
 
 
 # -- plain transfers ---------------------------------------------------------------------------
