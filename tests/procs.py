@@ -162,18 +162,38 @@ class Proc:
         return err
 
     def wait4(self, timeout: float = WAIT) -> tuple[int, int]:
-        """Reap the process ourselves with os.wait4; return (exit code, peak RSS in KiB)."""
+        """Wait for the process; return (exit code, peak RSS in KiB).
+
+        The peak is the kernel's high-water mark of this process's own memory (VmHWM), read
+        from /proc while it runs.  ``ru_maxrss`` would be wrong: it carries over the peak of
+        the forked pytest image from before the exec.
+        """
         pid = self.popen.pid
         pidfd = os.pidfd_open(pid)
+        peak = 0
+        deadline = time.monotonic() + timeout
         try:
-            ready, _, _ = select.select([pidfd], [], [], timeout)
+            while True:
+                peak = max(peak, _vm_hwm_kib(pid))
+                ready, _, _ = select.select([pidfd], [], [], 0.01)
+                if ready:
+                    break
+                if time.monotonic() > deadline:
+                    self._timed_out(f"still running after {timeout:g} s")
         finally:
             os.close(pidfd)
-        if not ready:
-            self._timed_out(f"still running after {timeout:g} s")
-        _, status, usage = os.wait4(pid, 0)
-        self.popen.returncode = os.waitstatus_to_exitcode(status)  # Popen must not reap again
-        return self.popen.returncode, usage.ru_maxrss
+        return self.popen.wait(), peak
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0  # exiting: its memory is gone already
 
 
 class Procs:

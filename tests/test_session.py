@@ -142,14 +142,22 @@ def first_generation(
 async def test_broken_connections_requeue_their_chunks(partial: int) -> None:
     data = os.urandom(60 * CHUNK + 123)
     net = MemoryNetwork()
-    # Connection k breaks on its (k + 3)-th send: HELLO went out, some chunks did too.
-    counter = iter(range(100))
-    net.wrap = first_generation(lambda s: Breaking(s, next(counter) + 3, partial=partial))
+    # The first stream of every connection breaks on its 3rd send (HELLO and a chunk went
+    # out).  Which connections get that far depends on dispatch, so count the breaks.
+    wrappers: list[Breaking] = []
+
+    def breaking(stream: anyio.abc.ByteStream) -> Breaking:
+        wrappers.append(Breaking(stream, 3, partial=partial))
+        return wrappers[-1]
+
+    net.wrap = first_generation(breaking)
     tx, _rx, sink = await run_session(data, threads=4, net=net)
     assert bytes(sink.data) == data
+    broken = sum(w.sends >= 3 for w in wrappers)
     stats = tx.statistics()
-    assert stats.reconnects >= 4
-    assert stats.retransmits >= 1
+    assert broken >= 1
+    assert stats.reconnects >= broken
+    assert stats.retransmits >= broken
 
 
 async def test_corrupted_payload_is_caught_by_checksum() -> None:

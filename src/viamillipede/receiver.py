@@ -52,6 +52,7 @@ from .wire import (
     Error,
     ErrorCode,
     Feature,
+    Fin,
     Hello,
     ProtocolError,
     Welcome,
@@ -61,6 +62,10 @@ from .wire import (
 )
 
 log = logging.getLogger("viamillipede.rx")
+
+#: How long a receiver that has written everything waits for the transmitter to confirm it
+#: heard so, before exiting anyway.
+LINGER = 10.0
 
 
 class Sink(Protocol):
@@ -140,6 +145,7 @@ class Receiver:
         self._progress = Notifier()
         self._conns: dict[int, _Conn] = {}
         self._conn_closed = Notifier()
+        self._confirmed = anyio.Event()
         self._complete = anyio.Event()
         self._succeeded = False
         self._error: ViamillipedeError | None = None
@@ -254,7 +260,7 @@ class Receiver:
             deadline = self._last_activity + self._timeout
             now = anyio.current_time()
             if now < deadline:
-                await anyio.sleep(deadline - now)
+                await anyio.sleep_until(deadline)
                 continue
             if self.session_id is not None:
                 raise PeerTimeout(
@@ -271,7 +277,7 @@ class Receiver:
             return WelcomeStatus.BAD_VERSION
         if hello.checkphrase != self._checkphrase:
             return WelcomeStatus.BAD_CHECKPHRASE
-        if self._complete.is_set():
+        if self._succeeded or self._complete.is_set():
             return WelcomeStatus.SESSION_OVER
         if self.session_id is not None:
             if hello.session_id != self.session_id:
@@ -326,6 +332,12 @@ class Receiver:
         status = self._admit(hello)
         await stream.send(encode(Welcome(int(status), self.session_id or bytes(16),
                                          self._reorder.written)))
+        if status == WelcomeStatus.SESSION_OVER and hello.session_id == self.session_id:
+            # Our transmitter reconnected after losing BYE_OK: the WELCOME told it that every
+            # chunk is written; its FIN confirms it heard that.
+            log.info("told a reconnecting connection that the session is complete")
+            await self._await_hangup(reader)
+            return
         if status != WelcomeStatus.ACCEPTED:
             self._counters.rejected += 1
             # A late connection of the session that just finished is routine.
@@ -378,6 +390,11 @@ class Receiver:
                 conn.queue(event.seq)
             elif isinstance(event, Bye):
                 await self._finish(conn, event)
+                await self._await_hangup(reader)
+                return
+            elif isinstance(event, Fin):
+                if self._succeeded:
+                    self._confirmed.set()
                 return
             elif isinstance(event, Error):
                 raise RemoteFailure(f"the transmitter aborted: {event.message}")
@@ -418,11 +435,34 @@ class Receiver:
             )
         await self._sink.flush()
         self._succeeded = True
-        conn.queue(encode(ByeOk(bye.chunks, bye.nbytes)))
+        # On every live connection, so that one lost reply cannot leave the transmitter
+        # unsure of a complete transfer.
+        frame = encode(ByeOk(bye.chunks, bye.nbytes))
+        for other in self._conns.values():
+            if not other.closed:
+                other.queue(frame)
         with anyio.move_on_after(HANDSHAKE_TIMEOUT):
             while not conn.idle and not conn.closed:
                 await conn.drained.wait()
         log.debug("BYE_OK sent after %d bytes", bye.nbytes)
+        assert self._tg is not None
+        self._tg.start_soon(self._linger)
+
+    async def _await_hangup(self, reader: FrameReader) -> None:
+        """Wait for the transmitter's FIN: proof that it knows the session is complete, and
+        so the last thing the receiver waits for before it exits."""
+        with contextlib.suppress(LinkBroken, ProtocolError):
+            if isinstance(await reader.next_event(), Fin):
+                self._confirmed.set()
+
+    async def _linger(self) -> None:
+        """Stay reachable a little while after success, until the transmitter confirms.
+
+        Normally its FIN arrives at once.  If BYE_OK was lost with its connection, the
+        transmitter reconnects and learns from the WELCOME that all is written.
+        """
+        with anyio.move_on_after(LINGER):
+            await self._confirmed.wait()
         self._complete.set()
 
     # -- the writer ----------------------------------------------------------------------

@@ -20,6 +20,7 @@ reconnects with capped exponential backoff (so a dead target is re-probed, never
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -62,6 +63,7 @@ from .wire import (
     Error,
     ErrorCode,
     Feature,
+    Fin,
     Hello,
     ProtocolError,
     Welcome,
@@ -176,6 +178,7 @@ class Transmitter:
         self._total_bytes = 0
         self._bye_state = "none"  # none -> pending -> sent (-> pending again if its link broke)
         self._bye_conn = -1
+        self._bye_sent_at = 0.0
         self._done = anyio.Event()
         self._error: ViamillipedeError | None = None
         self._last_progress = 0.0
@@ -274,7 +277,7 @@ class Transmitter:
             deadline = self._last_progress + self._timeout
             now = anyio.current_time()
             if now < deadline:
-                await anyio.sleep(deadline - now)
+                await anyio.sleep_until(deadline)
                 continue
             if self._counters.connections == 0:
                 raise PeerTimeout(
@@ -311,18 +314,23 @@ class Transmitter:
             progressed = [False]
             try:
                 async with stream:
-                    await self._serve(index, name, stream, progressed)
-            except _SessionOver:
-                await self._done.wait()
-                return
+                    try:
+                        await self._serve(index, name, stream, progressed)
+                    except _SessionOver:
+                        await self._confirm(stream)
+                        return
             except LinkBroken as exc:
+                if progressed[0]:
+                    delay = BACKOFF_START  # it worked for a while: a quick reconnect is fair
+                # When a receiver fails it hangs up on every connection and sends ERROR on
+                # some: wait out the backoff first, so that a session ending this way is
+                # reported once, by its reason, not by every connection it took down.
+                with anyio.move_on_after(delay):
+                    await self._done.wait()
                 if self._done.is_set():
-                    return  # the session ended (well or badly); its connections go with it
-                log.warning("%s broke: %s; its chunks go to the other connections", name, exc)
-            if progressed[0]:
-                delay = BACKOFF_START  # it worked for a while: a quick reconnect is fair
-            await anyio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_CAP)
+                    return
+                log.warning("%s broke: %s; its chunks went to the other connections", name, exc)
+                delay = min(delay * 2, BACKOFF_CAP)
 
     async def _serve(
         self, index: int, name: str, stream: anyio.abc.ByteStream, progressed: list[bool]
@@ -337,8 +345,8 @@ class Transmitter:
             features=self._features,
         )
         try:
-            await stream.send(encode(hello))
             with anyio.fail_after(HANDSHAKE_TIMEOUT):
+                await stream.send(encode(hello))
                 welcome = await reader.next_event()
         except TimeoutError:
             raise LinkBroken("no answer to HELLO") from None
@@ -377,6 +385,7 @@ class Transmitter:
             if self._bye_state == "pending":
                 self._bye_state = "sent"
                 self._bye_conn = conn
+                self._bye_sent_at = anyio.current_time()
                 await stream.send(encode(Bye(sw.next_seq, self._total_bytes)))
                 continue
             if sw.inflight(conn) >= self._per_conn:
@@ -395,14 +404,27 @@ class Transmitter:
                 if chunk.acked and chunk.sending == 0:
                     self._pool.put(chunk.buf)
 
+    async def _confirm(self, stream: anyio.abc.ByteStream) -> None:
+        """Tell the receiver we know it is done (FIN), so it can stop listening; then finish.
+
+        Best effort: if FIN is lost too, the receiver stops waiting after its linger time.
+        """
+        with anyio.move_on_after(HANDSHAKE_TIMEOUT), contextlib.suppress(*STREAM_ERRORS):
+            await stream.send(encode(Fin(self._sw.next_seq, self._total_bytes)))
+        self._done.set()
+
     async def _watch_stall(self, conn: int) -> None:
         sw = self._sw
         while True:
             limit = sw.stall_timeout()
-            stalled = sw.stalled_for(conn, anyio.current_time())
+            now = anyio.current_time()
+            stalled = sw.stalled_for(conn, now)
+            if self._bye_state == "sent" and self._bye_conn == conn:
+                stalled = now - self._bye_sent_at  # the BYE is in flight here
             if stalled >= limit:
                 raise LinkBroken(f"stalled: no acknowledgement for {stalled:.1f} s")
-            await anyio.sleep(min(limit - stalled, 1.0))
+            # A floor, or float rounding near the deadline could make this loop spin.
+            await anyio.sleep(min(max(limit - stalled, 0.01), 1.0))
 
     def _check_welcome(self, welcome: object) -> None:
         if isinstance(welcome, Error):
@@ -434,9 +456,16 @@ class Transmitter:
                 f"the receiver refused chunk size {self._chunk_size} / window {self._window}"
             )
         if status == WelcomeStatus.SESSION_OVER:
-            if welcome.session_id == self.session_id:
-                raise _SessionOver  # ours: BYE_OK is on its way over another connection
-            raise PeerRejected("the receiver has already finished another session")
+            if welcome.session_id != self.session_id:
+                raise PeerRejected("the receiver has already finished another session")
+            if self._eof and self._sw.all_acked() and welcome.written == self._sw.next_seq:
+                # Our BYE_OK was lost with its connection; this WELCOME says the same thing.
+                log.debug("the receiver reports the session complete")
+                raise _SessionOver
+            raise TruncatedStream(
+                f"the receiver ended the session after {welcome.written} chunks "
+                f"of {self._sw.next_seq}"
+            )
         raise PeerRejected(f"the receiver refused the connection (status {status})")
 
     async def _read_acks(self, conn: int, reader: FrameReader, progressed: list[bool]) -> None:
@@ -451,7 +480,7 @@ class Transmitter:
                         f"the receiver confirmed {event.nbytes} bytes, we sent {self._total_bytes}"
                     )
                 log.debug("receiver confirmed %d bytes", event.nbytes)
-                self._done.set()
+                await self._confirm(reader.stream)
                 return
             elif isinstance(event, Error):
                 if event.code == ErrorCode.SINK_FAILED:

@@ -21,6 +21,7 @@ from .events import (
     DataHeader,
     Error,
     Event,
+    Fin,
     Hello,
     Welcome,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "ErrorCode",
     "Event",
     "Feature",
+    "Fin",
     "Hello",
     "ProtocolError",
     "Welcome",

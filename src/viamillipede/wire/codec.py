@@ -33,6 +33,7 @@ from .events import (
     DataHeader,
     Error,
     Event,
+    Fin,
     Hello,
     Welcome,
 )
@@ -43,6 +44,7 @@ from .frames import (
     BYE_OK_BODY,
     DATA_HEADER,
     ERROR_BODY,
+    FIN_BODY,
     FIXED_SIZE,
     HELLO_BODY,
     MAGIC,
@@ -52,6 +54,7 @@ from .frames import (
     T_BYE_OK,
     T_DATA,
     T_ERROR,
+    T_FIN,
     T_HELLO,
     T_WELCOME,
     WELCOME_BODY,
@@ -79,6 +82,7 @@ _FRAME_NAMES = {
     T_ACK: "ACK",
     T_BYE: "BYE",
     T_BYE_OK: "BYE_OK",
+    T_FIN: "FIN",
     T_ERROR: "ERROR",
 }
 
@@ -134,7 +138,7 @@ class Decoder:
     @classmethod
     def for_receiver(cls, *, max_payload: int = ABSOLUTE_MAX_PAYLOAD,
                      stream_payload: bool = False) -> Decoder:
-        return cls(T_HELLO, frozenset({T_DATA, T_BYE, T_ERROR}), max_payload=max_payload,
+        return cls(T_HELLO, frozenset({T_DATA, T_BYE, T_FIN, T_ERROR}), max_payload=max_payload,
                    stream_payload=stream_payload)
 
     @classmethod
@@ -296,6 +300,10 @@ class Decoder:
         if ftype == T_BYE:
             b = BYE_BODY.parse(body)
             return Bye(b.chunks, b.nbytes)
+        if ftype == T_FIN:
+            f = FIN_BODY.parse(body)
+            self._state = _State.FINISHED
+            return Fin(f.chunks, f.nbytes)
         assert ftype == T_BYE_OK
         b = BYE_OK_BODY.parse(body)
         self._state = _State.FINISHED
@@ -353,6 +361,8 @@ def encode(event: Event) -> bytes:
         return _build(BYE_BODY, T_BYE, {"chunks": event.chunks, "nbytes": event.nbytes})
     if isinstance(event, ByeOk):
         return _build(BYE_OK_BODY, T_BYE_OK, {"chunks": event.chunks, "nbytes": event.nbytes})
+    if isinstance(event, Fin):
+        return _build(FIN_BODY, T_FIN, {"chunks": event.chunks, "nbytes": event.nbytes})
     if isinstance(event, Error):
         # Cut at a character boundary: a split UTF-8 sequence would not be valid text.
         text = event.message.encode("utf-8")[:MAX_ERROR_TEXT].decode("utf-8", "ignore").encode()

@@ -85,6 +85,18 @@ class ByeOk:
 
 
 @dataclass(frozen=True, slots=True)
+class Fin:
+    """The transmitter heard that the session succeeded (BYE_OK, or a WELCOME saying so).
+
+    Without it a receiver cannot tell a transmitter that hung up satisfied from one that
+    hung up on a connection it gave up on, so it would not know when it may stop listening.
+    """
+
+    chunks: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     """The sender of this frame is abandoning the session, and says why."""
 
@@ -97,4 +109,4 @@ class ConnectionClosed:
     """The peer closed its side cleanly at a frame boundary."""
 
 
-Event = Hello | Welcome | DataHeader | Data | Ack | Bye | ByeOk | Error | ConnectionClosed
+Event = Hello | Welcome | DataHeader | Data | Ack | Bye | ByeOk | Fin | Error | ConnectionClosed

@@ -29,6 +29,7 @@ T_ACK = 0x41  # "A"  receiver -> transmitter
 T_BYE = 0x42  # "B"  transmitter -> receiver, end of stream
 T_BYE_OK = 0x62  # "b"  receiver -> transmitter, everything written
 T_ERROR = 0x45  # "E"  either way, fatal for the session
+T_FIN = 0x46  # "F"  transmitter -> receiver, "I have your BYE_OK": the receiver may exit
 
 
 class WelcomeStatus(IntEnum):
@@ -101,6 +102,8 @@ BYE_BODY = Struct(
 
 BYE_OK_BODY = BYE_BODY
 
+FIN_BODY = BYE_BODY
+
 ERROR_BODY = Struct(
     "code" / Int16ub,
     "length" / Int16ub,
@@ -114,6 +117,7 @@ BODIES = {
     T_ACK: ACK_BODY,
     T_BYE: BYE_BODY,
     T_BYE_OK: BYE_OK_BODY,
+    T_FIN: FIN_BODY,
     T_ERROR: ERROR_BODY,
 }
 
