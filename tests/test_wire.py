@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import viamillipede.wire.frames as frames
 from viamillipede import wire
-from viamillipede.wire import Ack, Bye, ByeOk, Data, DataHeader, Error, Event, Hello, Welcome
+from viamillipede.wire import Ack, Bye, ByeOk, Data, DataHeader, Error, Event, Fin, Hello, Welcome
 from viamillipede.wire.codec import encode_ack, pack_data_header
 
 ConnectionClosed = wire.ConnectionClosed
@@ -36,6 +36,7 @@ FRAMES: dict[str, st.SearchStrategy[Event]] = {
     "ACK": st.builds(Ack, seq=u64, written=u64),
     "BYE": st.builds(Bye, chunks=u64, nbytes=u64),
     "BYE_OK": st.builds(ByeOk, chunks=u64, nbytes=u64),
+    "FIN": st.builds(Fin, chunks=u64, nbytes=u64),
     # 256 characters are at most 1024 bytes of UTF-8: never truncated.
     "ERROR": st.builds(Error, code=u16, message=st.text(max_size=256)),
 }
@@ -46,8 +47,8 @@ WELCOME = Welcome(wire.WelcomeStatus.ACCEPTED, bytes(range(16)), written=0)
 #: Which decoder reads a frame: its side's factory and the opening frame to feed before it.
 RECEIVER = (wire.Decoder.for_receiver, HELLO)
 TRANSMITTER = (wire.Decoder.for_transmitter, WELCOME)
-SIDES = {
-    Hello: [RECEIVER], Data: [RECEIVER], Bye: [RECEIVER],
+SIDES: dict[type, list[tuple[Callable[..., wire.Decoder], Event]]] = {
+    Hello: [RECEIVER], Data: [RECEIVER], Bye: [RECEIVER], Fin: [RECEIVER],
     Welcome: [TRANSMITTER], Ack: [TRANSMITTER], ByeOk: [TRANSMITTER],
     Error: [RECEIVER, TRANSMITTER],
 }
@@ -65,7 +66,7 @@ def streams(draw: st.DrawFn, receiver: bool | None = None) -> Stream:
         factory: Callable[..., wire.Decoder] = wire.Decoder.for_receiver
         opening = draw(FRAMES["HELLO"])
         body = draw(st.lists(FRAMES["DATA"] | FRAMES["BYE"], max_size=8))
-        last = draw(st.none() | FRAMES["ERROR"])
+        last = draw(st.none() | FRAMES["FIN"] | FRAMES["ERROR"])
     else:
         factory = wire.Decoder.for_transmitter
         opening = draw(FRAMES["WELCOME"])
@@ -221,9 +222,9 @@ def read_by_hints(decoder: wire.Decoder, raw: bytes, caps: list[int], direct: bo
                 decoder.payload_consumed(n)
             else:
                 decoder.receive_data(raw[pos : pos + n])
-                piece = bytearray(n)
-                assert decoder.take_payload_into(memoryview(piece)) == n
-                payload += piece
+                dest = bytearray(n)
+                assert decoder.take_payload_into(memoryview(dest)) == n
+                payload += dest
             pos += n
             if decoder.payload_remaining:
                 continue
@@ -300,12 +301,38 @@ def test_ack_fast_path_matches_construct(seq: int, written: int) -> None:
     assert frames.ACK_FRAME.unpack(declared) == (frames.T_ACK, seq, written)
 
 
+@PROPERTY
+@given(chunks=u64, nbytes=u64)
+def test_bye_bye_ok_and_fin_differ_only_in_the_type_byte(chunks: int, nbytes: int) -> None:
+    """The three end-of-session frames share one body layout: chunks u64, nbytes u64."""
+    body = chunks.to_bytes(8, "big") + nbytes.to_bytes(8, "big")
+    assert wire.encode(Bye(chunks, nbytes)) == bytes([frames.T_BYE]) + body
+    assert wire.encode(ByeOk(chunks, nbytes)) == bytes([frames.T_BYE_OK]) + body
+    assert wire.encode(Fin(chunks, nbytes)) == bytes([frames.T_FIN]) + body
+    assert frames.FIN_BODY.parse(body) == frames.BYE_BODY.parse(body)
+
+
 def test_fixed_sizes() -> None:
     assert frames.FIXED_SIZE == {
         frames.T_HELLO: 41, frames.T_WELCOME: 26, frames.T_DATA: 17, frames.T_ACK: 17,
-        frames.T_BYE: 17, frames.T_BYE_OK: 17, frames.T_ERROR: 5,
+        frames.T_BYE: 17, frames.T_BYE_OK: 17, frames.T_FIN: 17, frames.T_ERROR: 5,
     }
     assert frames.DATA_HEADER.size == frames.ACK_FRAME.size == 17
+    assert (frames.T_FIN, chr(frames.T_FIN)) == (0x46, "F")
+
+
+def test_every_frame_type_is_covered_by_these_tests() -> None:
+    """A type code added to frames.py must get a strategy here and a decoding side."""
+    codes = {name[2:]: code for name, code in vars(frames).items() if name.startswith("T_")}
+    assert set(codes.values()) == set(frames.BODIES)
+    assert set(FRAMES) == set(codes)
+    examples: dict[str, Event] = {
+        "HELLO": HELLO, "WELCOME": WELCOME, "DATA": Data(0, 0, b""), "ACK": Ack(0, 0),
+        "BYE": Bye(0, 0), "BYE_OK": ByeOk(0, 0), "FIN": Fin(0, 0), "ERROR": Error(0, ""),
+    }
+    for name, event in examples.items():
+        assert wire.encode(event)[0] == codes[name], name
+    assert set(SIDES) == {type(event) for event in examples.values()}
 
 
 # -- protocol violations --------------------------------------------------------------------------
@@ -316,12 +343,14 @@ def test_fixed_sizes() -> None:
     [
         (wire.Decoder.for_receiver, Data(0, 0, b"x")),
         (wire.Decoder.for_receiver, Bye(0, 0)),
+        (wire.Decoder.for_receiver, Fin(0, 0)),
         (wire.Decoder.for_receiver, Error(1, "too early")),
         (wire.Decoder.for_receiver, WELCOME),
         (wire.Decoder.for_transmitter, Ack(0, 0)),
         (wire.Decoder.for_transmitter, ByeOk(0, 0)),
         (wire.Decoder.for_transmitter, Error(1, "too early")),
         (wire.Decoder.for_transmitter, HELLO),
+        (wire.Decoder.for_transmitter, Fin(0, 0)),
     ],
 )
 def test_frame_before_the_opening_frame(factory: Callable[[], wire.Decoder], frame: Event) -> None:
@@ -338,6 +367,7 @@ def test_frame_before_the_opening_frame(factory: Callable[[], wire.Decoder], fra
         (RECEIVER, HELLO),  # a second opening frame
         (TRANSMITTER, Data(1, 0, b"")),
         (TRANSMITTER, Bye(1, 1)),
+        (TRANSMITTER, Fin(1, 1)),
         (TRANSMITTER, HELLO),
         (TRANSMITTER, WELCOME),
     ],
@@ -483,6 +513,12 @@ def test_eof_inside_a_streamed_payload() -> None:
         (TRANSMITTER, ByeOk(3, 30), ByeOk(3, 30)),
         (RECEIVER, Error(2, "source failed"), Data(0, 0, b"late")),
         (RECEIVER, Error(2, "source failed"), Bye(1, 4)),
+        (RECEIVER, Error(2, "source failed"), Fin(1, 4)),
+        (RECEIVER, Fin(1, 4), Data(0, 0, b"late")),
+        (RECEIVER, Fin(1, 4), Bye(1, 4)),
+        (RECEIVER, Fin(1, 4), Fin(1, 4)),
+        (RECEIVER, Fin(1, 4), Error(4, "too late")),
+        (RECEIVER, Fin(1, 4), HELLO),
     ],
 )
 def test_bytes_after_a_final_frame(
@@ -504,6 +540,42 @@ def test_final_frame_then_clean_close() -> None:
     assert [d.next_event(), d.next_event(), d.next_event()] == [
         WELCOME, ByeOk(1, 1), ConnectionClosed()
     ]
+    d = wire.Decoder.for_receiver()
+    d.receive_data(encode_all([HELLO, Bye(1, 1), Fin(1, 1)]))
+    d.receive_data(b"")
+    assert [d.next_event(), d.next_event(), d.next_event(), d.next_event()] == [
+        HELLO, Bye(1, 1), Fin(1, 1), ConnectionClosed()
+    ]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize(
+    "events",
+    [
+        # The usual end: the last chunks, BYE, and FIN once BYE_OK has arrived.
+        [HELLO, Data(0, 0, b"abc"), Data(1, 0, b""), Bye(2, 3), Fin(2, 3)],
+        # BYE_OK arrives on every connection: FIN may come where no BYE was sent...
+        [HELLO, Data(5, 0, b"xyz"), Fin(9, 99)],
+        # ...or right after the HELLO, answering a WELCOME SESSION_OVER.
+        [HELLO, Fin(9, 99)],
+    ],
+    ids=["after-bye", "after-data", "after-hello"],
+)
+def test_fin_ends_a_receiving_connection(streaming: bool, events: list[Event]) -> None:
+    raw = encode_all(events)
+    d = decoder_for(wire.Decoder.for_receiver, streaming)
+    assert read_events(d, [raw]) == [*events, ConnectionClosed()]
+    d = decoder_for(wire.Decoder.for_receiver, streaming)
+    assert read_events(d, [raw[i : i + 1] for i in range(len(raw))]) == [
+        *events, ConnectionClosed()
+    ]
+    d = decoder_for(wire.Decoder.for_receiver, streaming)
+    d.receive_data(raw + b"F")
+    while not isinstance(event := d.next_event(), Fin):
+        if isinstance(event, DataHeader) and event.length:
+            d.take_payload_into(memoryview(bytearray(event.length)))
+    with pytest.raises(wire.ProtocolError, match="after the final frame"):
+        d.next_event()
 
 
 def test_api_misuse_is_a_runtime_error_not_a_protocol_error() -> None:

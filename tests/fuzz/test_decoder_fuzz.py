@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from viamillipede import wire
 from viamillipede.wire import frames
-from viamillipede.wire.events import Ack, Bye, ByeOk, Data, DataHeader, Error, Hello, Welcome
+from viamillipede.wire.events import Ack, Bye, ByeOk, Data, DataHeader, Error, Fin, Hello, Welcome
 
 FUZZ = settings(max_examples=250, deadline=None)
 
@@ -67,7 +67,7 @@ def pump(decoder: wire.Decoder, pieces: list[bytes], eof: bool) -> None:
                 assert eof and not piece
                 break
             assert isinstance(event, Hello | Welcome | Data | DataHeader | Ack | Bye | ByeOk
-                              | Error)
+                              | Fin | Error)
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -123,14 +123,17 @@ def _with_length(ftype: int, fixed: bytes, length: int) -> bytes:
 
 
 @st.composite
-def valid_streams(draw: st.DrawFn, kind: str) -> bytes:
+def valid_streams(draw: st.DrawFn, kind: str, final: bool | None = None) -> bytes:
+    """Opening, body frames, and a final frame if ``final`` (drawn when None)."""
+    body: tuple[int, ...]
+    finals: tuple[int, ...]
     if kind == "transmitter":
         body, finals = (frames.T_ACK,), (frames.T_BYE_OK, frames.T_ERROR)
     else:
-        body, finals = (frames.T_DATA, frames.T_BYE), (frames.T_ERROR,)
+        body, finals = (frames.T_DATA, frames.T_BYE), (frames.T_FIN, frames.T_ERROR)
     parts = [KINDS[kind][1]]
     parts += draw(st.lists(st.sampled_from(body).flatmap(typed_frame), max_size=6))
-    if draw(st.booleans()):
+    if draw(st.booleans()) if final is None else final:
         parts.append(draw(st.sampled_from(finals).flatmap(typed_frame)))
     return b"".join(parts)
 
@@ -167,6 +170,19 @@ def test_valid_streams_decode(kind: str, data: st.DataObject, cuts: list[int], e
     factory, _ = KINDS[kind]
     stream = data.draw(valid_streams(kind))
     pump(factory(), split(stream, cuts), eof)
+
+
+@kinds
+@FUZZ
+@given(data=st.data(), trailer=st.binary(min_size=1, max_size=64), cuts=cuts, eof=st.booleans())
+def test_bytes_after_a_final_frame(
+    kind: str, data: st.DataObject, trailer: bytes, cuts: list[int], eof: bool
+) -> None:
+    """After BYE_OK, FIN or ERROR any byte at all is a protocol error, however it arrives."""
+    factory, _ = KINDS[kind]
+    stream = data.draw(valid_streams(kind, final=True))
+    with pytest.raises(wire.ProtocolError, match="after the final frame"):
+        pump(factory(), split(stream + trailer, cuts), eof)
 
 
 @kinds
