@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import os
 import random
-import select
 import socket
 import subprocess
 import sys
@@ -106,6 +105,17 @@ class Proc:
         self.name = name
         self.out = out
         self.err = err
+        self.peak_rss_kib = 0
+        threading.Thread(target=self._sample_rss, daemon=True).start()
+
+    def _sample_rss(self) -> None:
+        """Keep the kernel's high-water mark of the process's own memory (VmHWM) while it
+        runs.  ``ru_maxrss`` would be wrong: it carries over the peak of the forked pytest
+        image from before the exec."""
+        pid = self.popen.pid
+        while self.popen.poll() is None:
+            self.peak_rss_kib = max(self.peak_rss_kib, _vm_hwm_kib(pid))
+            time.sleep(0.01)  # a sampling period, not synchronisation
 
     @property
     def stderr(self) -> str:
@@ -162,27 +172,9 @@ class Proc:
         return err
 
     def wait4(self, timeout: float = WAIT) -> tuple[int, int]:
-        """Wait for the process; return (exit code, peak RSS in KiB).
-
-        The peak is the kernel's high-water mark of this process's own memory (VmHWM), read
-        from /proc while it runs.  ``ru_maxrss`` would be wrong: it carries over the peak of
-        the forked pytest image from before the exec.
-        """
-        pid = self.popen.pid
-        pidfd = os.pidfd_open(pid)
-        peak = 0
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                peak = max(peak, _vm_hwm_kib(pid))
-                ready, _, _ = select.select([pidfd], [], [], 0.01)
-                if ready:
-                    break
-                if time.monotonic() > deadline:
-                    self._timed_out(f"still running after {timeout:g} s")
-        finally:
-            os.close(pidfd)
-        return self.popen.wait(), peak
+        """Wait for the process; return (exit code, peak RSS in KiB)."""
+        code = self.wait(timeout)
+        return code, self.peak_rss_kib
 
 
 def _vm_hwm_kib(pid: int) -> int:

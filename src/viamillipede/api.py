@@ -61,6 +61,26 @@ async def send(
     Returns once the receiver confirmed that every byte was written; raises a
     :class:`~viamillipede.errors.ViamillipedeError` subclass otherwise.
     """
+    tx = tcp_transmitter(
+        source, targets, threads=threads, chunk_size=chunk_size, window=window,
+        checksum=checksum, checkphrase=checkphrase, idle_timeout=idle_timeout, wrap=wrap,
+    )
+    return await tx.run()
+
+
+def tcp_transmitter(
+    source: Source,
+    targets: Sequence[Target],
+    *,
+    threads: int = DEFAULT_THREADS,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    window: int | None = None,
+    checksum: bool = False,
+    checkphrase: str = DEFAULT_CHECKPHRASE,
+    idle_timeout: float = DEFAULT_TIMEOUT,
+    wrap: ClientWrapper | None = None,
+) -> Transmitter:
+    """The transmitter :func:`send` runs, for callers that want its reports or to abort it."""
     plan = spread(targets, threads)
     generations = [0] * threads
 
@@ -75,7 +95,7 @@ async def send(
         generations[index] += 1
         return wrap(index, generation, stream) if wrap else stream
 
-    tx = Transmitter(
+    return Transmitter(
         source,
         open_connection,
         threads=threads,
@@ -85,9 +105,9 @@ async def send(
         checkphrase=checkphrase,
         idle_timeout=idle_timeout,
         describe=lambda i: f"connection {i} to {plan[i][0]}:{plan[i][1]}",
+        target=lambda i: f"{plan[i][0]}:{plan[i][1]}",
         rank=lambda i: list(targets).index(plan[i]),
     )
-    return await tx.run()
 
 
 async def receive(
@@ -105,6 +125,19 @@ async def receive(
     Use with ``await task_group.start(receive, sink, 0)`` to learn the bound port (0 picks a
     free one) once the socket is listening.
     """
+    receiver = Receiver(sink, checkphrase=checkphrase, idle_timeout=idle_timeout)
+    return await serve_tcp(receiver, port, host=host, wrap=wrap, task_status=task_status)
+
+
+async def serve_tcp(
+    receiver: Receiver,
+    port: int,
+    *,
+    host: str | None = None,
+    wrap: ServerWrapper | None = None,
+    task_status: TaskStatus[int] = TASK_STATUS_IGNORED,
+) -> TransferStats:
+    """Serve ``receiver``'s session on a TCP port (what :func:`receive` does with its own)."""
     tcp = listen(port, host)
     accepted = 0
 
@@ -117,7 +150,6 @@ async def receive(
 
     try:
         task_status.started(tcp.port)
-        receiver = Receiver(sink, checkphrase=checkphrase, idle_timeout=idle_timeout)
         return await receiver.serve(_Wrapped())
     finally:
         await tcp.aclose()

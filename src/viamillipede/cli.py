@@ -18,6 +18,9 @@ from .errors import ExitCode, UsageError, ViamillipedeError
 
 if TYPE_CHECKING:
     from .chaos import ChaosScheduler
+    from .receiver import Receiver
+    from .stats import Report
+    from .transmitter import Transmitter
 from .options import (
     DEFAULT_CHECKPHRASE,
     DEFAULT_CHUNK_SIZE,
@@ -73,16 +76,27 @@ Words (the original grammar, any order) and their --flag spellings:
                                          short corrupt)
                       --chunk-size BYTES chunk size, e.g. 512K, 2M (default 2M)
                       --listen ADDR      rx only: listen on ADDR instead of all
+                      --progress         a pv-like progress line on stderr
+                      --size BYTES       expected size, for progress percentage and
+                                         ETA (a regular file on stdin is measured)
+                      --stats-json FILE  write the final statistics (and the chaos
+                                         fault log) as JSON; see docs/stats.md
                       --quiet, -q        same as verbose 0
                       --help, -h         this text
                       --version          print the version
+
+Signals:
+  SIGUSR1 (SIGINFO on BSD)  print a report to stderr: bytes, rates, window,
+                            each connection and link; the transfer goes on
+  SIGUSR2                   next verbosity level (0, 1, 2, 3, then 0 again)
+  SIGINT, SIGTERM           stop cleanly, tell the peer, exit 130
 
 Exit status:
   0 success: every byte written and confirmed     5 stream ended early / totals differ
   2 bad command line                              6 local input or output failed
   3 peer rejected (checkphrase, session, version) 7 the peer aborted (e.g. its output failed)
   4 no progress within the timeout                8 protocol violation
-  1 other failure                               130 interrupted
+  1 cannot listen (port in use), or other       130 interrupted (Ctrl-C, SIGTERM)
 """
 
 
@@ -101,6 +115,9 @@ class Config:
     chaos: int | None = None
     chaos_rate: float | None = None
     chaos_faults: tuple[str, ...] | None = None
+    progress: bool = False
+    stats_json: str | None = None
+    size: int | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
     timeout: float = DEFAULT_TIMEOUT
 
@@ -119,7 +136,7 @@ def _port(word: str, value: str) -> int:
     return _int(f"{word} port", value, 1, 65535)
 
 
-def _size(word: str, value: str) -> int:
+def _size(word: str, value: str, low: int = MIN_CHUNK_SIZE, high: int = MAX_CHUNK_SIZE) -> int:
     units = {"k": 1024, "m": 1024**2, "g": 1024**3}
     text = value.strip().lower().removesuffix("ib").removesuffix("b")
     mult = 1
@@ -130,8 +147,8 @@ def _size(word: str, value: str) -> int:
         n = int(text, 10) * mult
     except ValueError:
         raise UsageError(f"{word} needs a size like 2M or 524288, got {value!r}") from None
-    if not MIN_CHUNK_SIZE <= n <= MAX_CHUNK_SIZE:
-        raise UsageError(f"{word} must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes")
+    if not low <= n <= high:
+        raise UsageError(f"{word} must be between {low} and {high} bytes")
     return n
 
 
@@ -186,7 +203,7 @@ class _Words:
 
 
 #: Words that take no value, so ``--checksum=off`` is an error rather than a silent "on".
-_SWITCHES = frozenset({"help", "version", "quiet", "checksum", "checksums"})
+_SWITCHES = frozenset({"help", "version", "quiet", "checksum", "checksums", "progress"})
 
 
 def parse(argv: Sequence[str]) -> Config | str:
@@ -259,6 +276,12 @@ def parse(argv: Sequence[str]) -> Config | str:
             cfg.chunk_size = _size("--chunk-size", arg("a size"))
         elif raw == "--listen":
             cfg.listen = arg("an address")
+        elif raw == "--progress":
+            cfg.progress = True
+        elif raw == "--stats-json":
+            cfg.stats_json = arg("a file name")
+        elif raw == "--size":
+            cfg.size = _size("--size", arg("a size"), low=0, high=2**63 - 1)
         else:
             hint = "" if raw.startswith("-") else " (words: rx, tx, threads, checksum, ...)"
             raise UsageError(f"unknown argument {raw!r}{hint}; see --help")
@@ -273,17 +296,14 @@ def parse(argv: Sequence[str]) -> Config | str:
     return cfg
 
 
-NOTE = 25
-logging.addLevelName(NOTE, "NOTE")
-
-
 def _setup_logging(cfg: Config) -> logging.Logger:
-    levels = {0: logging.ERROR, 1: NOTE, 2: logging.INFO}
+    from .monitor import verbosity_level
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG} {cfg.mode}: %(message)s"))
     root = logging.getLogger("viamillipede")
     root.handlers[:] = [handler]
-    root.setLevel(levels.get(cfg.verbose, logging.DEBUG))
+    root.setLevel(verbosity_level(cfg.verbose))
     root.propagate = False
     return root
 
@@ -292,37 +312,99 @@ def _run(cfg: Config, log: logging.Logger) -> None:
     # Imported here: the import of trio/anyio costs ~0.1 s that --help should not pay.
     import anyio
 
-    from .api import receive, send
+    from .api import serve_tcp, tcp_transmitter
+    from .framing import first_error
+    from .monitor import NOTE, RateMeter, known_size, show_progress, watch_signals
+    from .receiver import Receiver
     from .transport import FdSink, FdSource
 
     chaos = _chaos(cfg, log)
+    reports: list[Report] = []
 
     async def main() -> None:
+        meter = RateMeter()
+        session: Receiver | Transmitter
         if cfg.mode == "rx":
             sink = FdSink(sys.stdout.fileno())
-            try:
-                stats = await receive(sink, cfg.port, host=cfg.listen,
-                                      checkphrase=cfg.checkphrase, idle_timeout=cfg.timeout,
-                                      wrap=chaos.receiver_wrapper() if chaos else None)
-            finally:
-                await sink.aclose()
+            session = Receiver(sink, checkphrase=cfg.checkphrase, idle_timeout=cfg.timeout)
+            size = cfg.size
+            run = serve_tcp(session, cfg.port, host=cfg.listen,
+                            wrap=chaos.receiver_wrapper() if chaos else None)
+            close = sink.aclose
         else:
             source = FdSource(sys.stdin.fileno())
-            try:
-                stats = await send(source, cfg.targets, threads=cfg.threads,
-                                   chunk_size=cfg.chunk_size, checksum=cfg.checksum,
-                                   checkphrase=cfg.checkphrase, idle_timeout=cfg.timeout,
-                                   wrap=chaos.transmitter_wrapper() if chaos else None)
-            finally:
-                await source.aclose()
+            session = tcp_transmitter(
+                source, cfg.targets, threads=cfg.threads, chunk_size=cfg.chunk_size,
+                checksum=cfg.checksum, checkphrase=cfg.checkphrase, idle_timeout=cfg.timeout,
+                wrap=chaos.transmitter_wrapper() if chaos else None,
+            )
+            size = cfg.size if cfg.size is not None else known_size(sys.stdin.fileno())
+            run = session.run()
+            close = source.aclose
+        try:
+            with first_error():
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(watch_signals, session, cfg.verbose, meter)
+                    if cfg.progress:
+                        tg.start_soon(show_progress, session.report, size, meter)
+                    stats = await run
+                    tg.cancel_scope.cancel()
+        finally:
+            reports.append(session.report())  # for --stats-json, taken while the clock runs
+            await close()
         log.log(NOTE, "%s", stats.summary())
+        if cfg.verbose >= 2:
+            sys.stderr.write(session.report().render() + "\n")
 
+    error: BaseException | None = None
     try:
         anyio.run(main, backend="trio")
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
         if chaos is not None:
             counts = ", ".join(f"{n} {k}" for k, n in sorted(chaos.log.summary().items()) if n)
             log.log(NOTE, "chaos seed %d injected %s", cfg.chaos, counts or "no faults")
+        if cfg.stats_json:
+            _write_json(cfg, reports, chaos, error)
+
+
+def _write_json(
+    cfg: Config,
+    reports: list[Report],
+    chaos: ChaosScheduler | None,
+    error: BaseException | None,
+) -> None:
+    from .monitor import write_stats_json
+
+    assert cfg.stats_json is not None
+    code, message = _outcome(error) if error is not None else (0, None)
+    faults = None
+    if chaos is not None:
+        faults = {
+            "seed": chaos.seed,
+            "rate": chaos.rate,
+            "kinds": sorted(k.value for k in chaos.kinds),
+            "faults": [r.line() for r in chaos.log.records],
+        }
+    try:
+        write_stats_json(cfg.stats_json, reports[0] if reports else None,
+                         exit_code=code, error=message, chaos=faults)
+    except OSError as exc:
+        logging.getLogger("viamillipede").error("cannot write %s: %s", cfg.stats_json,
+                                                exc.strerror)
+
+
+def _outcome(exc: BaseException) -> tuple[int, str]:
+    """The exit status and the one-line message for how a run ended."""
+    if isinstance(exc, ViamillipedeError):
+        return int(exc.exit_code), str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return int(ExitCode.INTERRUPTED), "interrupted"
+    if isinstance(exc, OSError):  # stdin/stdout unusable
+        return int(ExitCode.LOCAL_IO), str(exc.strerror or exc)
+    return int(ExitCode.FAILURE), f"internal error: {exc!r}"
 
 
 def _chaos(cfg: Config, log: logging.Logger) -> ChaosScheduler | None:
@@ -344,7 +426,6 @@ def _chaos(cfg: Config, log: logging.Logger) -> ChaosScheduler | None:
     return ChaosScheduler(cfg.chaos, rate=rate, kinds=faults)
 
 
-
 def main(argv: Sequence[str] | None = None, *, run: Callable[[Config, logging.Logger], None]
          = _run) -> int:
     """Entry point of the ``viamillipede`` command; returns the exit status."""
@@ -360,13 +441,8 @@ def main(argv: Sequence[str] | None = None, *, run: Callable[[Config, logging.Lo
     log = _setup_logging(parsed)
     try:
         run(parsed, log)
-    except ViamillipedeError as exc:
-        log.error("error: %s", exc)
-        return int(exc.exit_code)
-    except OSError as exc:  # listening failed, stdin/stdout unusable
-        log.error("error: %s", exc.strerror or exc)
-        return int(ExitCode.LOCAL_IO)
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return int(ExitCode.INTERRUPTED)
+    except (ViamillipedeError, OSError, KeyboardInterrupt) as exc:
+        code, message = _outcome(exc)
+        log.error("error: %s", message)
+        return code
     return 0

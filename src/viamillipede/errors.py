@@ -31,6 +31,12 @@ class ViamillipedeError(Exception):
     exit_code: ExitCode = ExitCode.FAILURE
 
 
+class CannotListen(ViamillipedeError):
+    """The receiver could not open its port (in use, not permitted, no such address)."""
+
+    exit_code = ExitCode.FAILURE
+
+
 class UsageError(ViamillipedeError):
     exit_code = ExitCode.USAGE
 
@@ -67,6 +73,12 @@ class RemoteFailure(ViamillipedeError):
 
 class ProtocolViolation(ViamillipedeError):
     exit_code = ExitCode.PROTOCOL
+
+
+class Interrupted(ViamillipedeError):
+    """Stopped on request (Ctrl-C, SIGTERM); the peer is told."""
+
+    exit_code = ExitCode.INTERRUPTED
 
 
 class LinkBroken(Exception):

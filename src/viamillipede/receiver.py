@@ -23,6 +23,7 @@ import anyio
 import anyio.abc
 
 from .errors import (
+    Interrupted,
     LinkBroken,
     LocalIOError,
     PeerTimeout,
@@ -39,7 +40,7 @@ from .options import (
     MAX_RECEIVER_BUFFER,
     encode_checkphrase,
 )
-from .stats import Counters, TransferStats
+from .stats import Counters, LinkCounters, Report, TransferStats, link_stats
 from .window import Offer, ReorderBuffer
 from .wire import (
     PROTOCOL_VERSION,
@@ -83,7 +84,7 @@ class Listener(Protocol):
 class _Conn:
     """One accepted connection: its stream, its outgoing frame queue and its cancel scope."""
 
-    __slots__ = ("_out", "_wake", "closed", "drained", "index", "name", "scope", "stream")
+    __slots__ = ("_out", "_wake", "closed", "drained", "index", "link", "name", "scope", "stream")
 
     def __init__(self, stream: anyio.abc.ByteStream, name: str) -> None:
         self.stream = stream
@@ -94,6 +95,7 @@ class _Conn:
         self._wake = Notifier()
         self.drained = Notifier()
         self.closed = False
+        self.link = LinkCounters(-1, name, state="up")
 
     def queue(self, item: bytes | int) -> None:
         self._out.append(item)
@@ -157,6 +159,23 @@ class Receiver:
 
     def statistics(self) -> TransferStats:
         return self._counters.snapshot()
+
+    def report(self) -> Report:
+        now = anyio.current_time()
+        links = [link_stats(c.link, 0, now) for c in sorted(
+            self._conns.values(), key=lambda c: c.index)]
+        return Report(
+            totals=self.statistics(),
+            window=self._window,
+            window_used=len(self._reorder),
+            reorder_depth=len(self._reorder),
+            connections=tuple(links),
+            targets=(),
+        )
+
+    def abort(self, reason: str = "interrupted") -> None:
+        """Stop the session from outside (e.g. on Ctrl-C); the transmitter is told why."""
+        self._fail(Interrupted(reason))
 
     async def serve(self, listener: Listener) -> TransferStats:
         """Accept connections until the session completes; return its statistics."""
@@ -228,6 +247,8 @@ class Receiver:
             return int(ErrorCode.TIMEOUT)
         if isinstance(self._error, TruncatedStream):
             return int(ErrorCode.TOTALS_MISMATCH)
+        if isinstance(self._error, Interrupted):
+            return int(ErrorCode.ABORTED)
         return int(ErrorCode.ABORTED)
 
     async def _guard(self, fn: Callable[[], Awaitable[None]]) -> None:
@@ -347,7 +368,7 @@ class Receiver:
         self._last_activity = anyio.current_time()
         self._counters.connections += 1
         reader.decoder.max_payload = self._chunk_size
-        conn.index = hello.conn_index
+        conn.index = conn.link.index = hello.conn_index
         old = self._conns.get(conn.index)
         if old is not None:
             log.info("connection %d from %s replaces a stale one", conn.index, conn.name)
@@ -388,6 +409,8 @@ class Receiver:
                     raise
                 self._file_chunk(event.seq, buf, event.length, conn)
                 conn.queue(event.seq)
+                conn.link.chunks += 1
+                conn.link.nbytes += event.length
             elif isinstance(event, Bye):
                 await self._finish(conn, event)
                 await self._await_hangup(reader)

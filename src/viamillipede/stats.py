@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,3 +61,123 @@ class Counters:
             duplicates=self.duplicates,
             rejected=self.rejected,
         )
+
+
+@dataclass(slots=True)
+class LinkCounters:
+    """Live per-connection counters, kept by the sessions."""
+
+    index: int
+    peer: str
+    state: str = "connecting"
+    chunks: int = 0
+    nbytes: int = 0
+    retransmits: int = 0
+    reconnects: int = 0
+    next_try: float | None = None  # session clock time of the next connection attempt
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStats:
+    """One connection: where it goes, what it is doing, what it carried."""
+
+    index: int
+    peer: str
+    state: str
+    inflight: int
+    chunks: int
+    nbytes: int
+    retransmits: int
+    reconnects: int
+    next_try_in: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class TargetStats:
+    """One target (link) of a transmitter, in preference order."""
+
+    target: str
+    nbytes: int
+    share: float
+    up: bool
+    connections_up: int
+    next_probe_in: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A full snapshot: what SIGUSR1 prints and ``--stats-json`` writes."""
+
+    totals: TransferStats
+    window: int
+    window_used: int
+    reorder_depth: int
+    connections: tuple[LinkStats, ...]
+    targets: tuple[TargetStats, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def render(self, rate_now: float | None = None) -> str:
+        t = self.totals
+        now = f", now {rate_now / 1e6:.1f} MB/s" if rate_now is not None else ""
+        lines = [
+            f"{t.role}: {t.nbytes} bytes in {t.chunks} chunks, {t.elapsed:.1f} s, "
+            f"average {t.rate / 1e6:.1f} MB/s{now}",
+            f"  window {self.window_used}/{self.window} chunks"
+            + (f", reorder buffer {self.reorder_depth}" if t.role == "rx" else "")
+            + f"; retransmits {t.retransmits}, reconnects {t.reconnects}, "
+            f"duplicates {t.duplicates}, rejected {t.rejected}",
+        ]
+        for g in self.targets:
+            probe = f", next probe in {g.next_probe_in:.1f} s" if g.next_probe_in else ""
+            lines.append(
+                f"  target {g.target}: {'up' if g.up else 'DOWN'} "
+                f"({g.connections_up} connections), {g.nbytes} bytes, "
+                f"{100 * g.share:.0f}%{probe}"
+            )
+        for c in self.connections:
+            retry = f", retry in {c.next_try_in:.1f} s" if c.next_try_in else ""
+            lines.append(
+                f"  conn {c.index:2d} {c.peer}: {c.state}{retry}, in flight {c.inflight}, "
+                f"{c.chunks} chunks / {c.nbytes} bytes, retransmits {c.retransmits}, "
+                f"reconnects {c.reconnects}"
+            )
+        return "\n".join(lines)
+
+
+def link_stats(link: LinkCounters, inflight: int, now: float) -> LinkStats:
+    return LinkStats(
+        index=link.index,
+        peer=link.peer,
+        state=link.state,
+        inflight=inflight,
+        chunks=link.chunks,
+        nbytes=link.nbytes,
+        retransmits=link.retransmits,
+        reconnects=link.reconnects,
+        next_try_in=max(link.next_try - now, 0.0) if link.next_try is not None else None,
+    )
+
+
+def target_stats(links: list[LinkStats]) -> tuple[TargetStats, ...]:
+    """Group connections by target, keeping the order in which targets first appear."""
+    order: dict[str, list[LinkStats]] = {}
+    for link in links:
+        order.setdefault(link.peer, []).append(link)
+    total = sum(link.nbytes for link in links) or 1
+    result = []
+    for target, group in order.items():
+        up = sum(1 for link in group if link.state == "up")
+        waits = [link.next_try_in for link in group if link.next_try_in is not None]
+        result.append(
+            TargetStats(
+                target=target,
+                nbytes=sum(link.nbytes for link in group),
+                share=sum(link.nbytes for link in group) / total,
+                up=up > 0,
+                connections_up=up,
+                next_probe_in=min(waits) if waits and not up else None,
+            )
+        )
+    return tuple(result)

@@ -32,6 +32,7 @@ import anyio
 import anyio.abc
 
 from .errors import (
+    Interrupted,
     LinkBroken,
     PeerRejected,
     PeerTimeout,
@@ -50,7 +51,7 @@ from .options import (
     default_window,
     encode_checkphrase,
 )
-from .stats import Counters, TransferStats
+from .stats import Counters, LinkCounters, Report, TransferStats, link_stats, target_stats
 from .transport import ConnectFailed
 from .window import SendWindow
 from .wire import (
@@ -150,6 +151,7 @@ class Transmitter:
         checkphrase: str = DEFAULT_CHECKPHRASE,
         idle_timeout: float = DEFAULT_TIMEOUT,
         describe: Callable[[int], str] | None = None,
+        target: Callable[[int], str] | None = None,
         rank: Callable[[int], int] | None = None,
         session_id: bytes | None = None,
     ) -> None:
@@ -184,12 +186,32 @@ class Transmitter:
         self._last_progress = 0.0
         self._last_connect_error = ""
         self._counters = Counters("tx")
+        name_target = target or (lambda i: "receiver")
+        self._links = {i: LinkCounters(i, name_target(i)) for i in range(threads)}
+        self._live: dict[int, anyio.abc.ByteStream] = {}  # handshaken streams, by connection
+        self._mid_send: set[int] = set()  # connections whose stream is inside a frame
 
     # -- public --------------------------------------------------------------------------
 
     def statistics(self) -> TransferStats:
         snap = self._counters.snapshot()
         return dataclasses.replace(snap, retransmits=self._sw.retransmits)
+
+    def report(self) -> Report:
+        now = anyio.current_time()
+        links = [link_stats(link, self._sw.inflight(i), now) for i, link in self._links.items()]
+        return Report(
+            totals=self.statistics(),
+            window=self._window,
+            window_used=self._sw.next_seq - self._sw.written,
+            reorder_depth=0,
+            connections=tuple(links),
+            targets=target_stats(links),
+        )
+
+    def abort(self, reason: str = "interrupted") -> None:
+        """Stop the session from outside (e.g. on Ctrl-C); the receiver is told why."""
+        self._fail(Interrupted(reason))
 
     async def run(self) -> TransferStats:
         """Send the whole source; return only once the receiver confirmed every byte."""
@@ -200,10 +222,25 @@ class Transmitter:
             for i in range(self._threads):
                 tg.start_soon(self._guard, self._connection_loop, i)
             await self._done.wait()
+            if self._error is not None:
+                await self._tell_receiver(self._error)
             tg.cancel_scope.cancel()
         if self._error is not None:
             raise self._error
         return self.statistics()
+
+    async def _tell_receiver(self, error: ViamillipedeError) -> None:
+        """Best effort: say ERROR on every connection that sits at a frame boundary, so the
+        receiver stops at once instead of waiting out its timeout."""
+        if isinstance(error, (RemoteFailure, PeerRejected)):
+            return  # the receiver ended it, or will not talk to us
+        code = ErrorCode.ABORTED if isinstance(error, Interrupted) else ErrorCode.SOURCE_FAILED
+        frame = encode(Error(int(code), str(error)))
+        with anyio.move_on_after(1.0):
+            for conn, stream in list(self._live.items()):
+                if conn not in self._mid_send:
+                    with contextlib.suppress(*STREAM_ERRORS):
+                        await stream.send(frame)
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -300,16 +337,20 @@ class Transmitter:
         name = self._describe(index)
         first = True
         while True:
+            link = self._links[index]
+            link.state, link.next_try = "connecting", None
             try:
                 stream = await self._connect(index)
             except ConnectFailed as exc:
                 self._last_connect_error = str(exc)
                 log.info("%s: %s; next try in %.1f s", name, exc, delay)
+                link.state, link.next_try = "down", anyio.current_time() + delay
                 await anyio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_CAP)
                 continue
             if not first:
                 self._counters.reconnects += 1
+                link.reconnects += 1
             first = False
             progressed = [False]
             try:
@@ -325,6 +366,7 @@ class Transmitter:
                 # When a receiver fails it hangs up on every connection and sends ERROR on
                 # some: wait out the backoff first, so that a session ending this way is
                 # reported once, by its reason, not by every connection it took down.
+                link.state, link.next_try = "backoff", anyio.current_time() + delay
                 with anyio.move_on_after(delay):
                     await self._done.wait()
                 if self._done.is_set():
@@ -353,10 +395,15 @@ class Transmitter:
         except STREAM_ERRORS as exc:
             raise LinkBroken(str(exc) or type(exc).__name__) from exc
         except ProtocolError as exc:
-            raise LinkBroken(f"the receiver speaks garbage: {exc}") from exc
+            # Not a flaky link: whatever listens there does not speak our protocol.
+            raise ProtocolViolation(
+                f"{name}: the peer is not a viamillipede receiver ({exc})"
+            ) from exc
         self._check_welcome(welcome)
         assert isinstance(welcome, Welcome)
         self._counters.connections += 1
+        self._links[index].state = "up"
+        self._live[index] = stream
         log.info("%s: connected", name)
         self._on_ack(index, -1, welcome.written)
 
@@ -369,8 +416,10 @@ class Transmitter:
         except (ProtocolError, *STREAM_ERRORS) as exc:
             raise LinkBroken(str(exc) or type(exc).__name__) from exc
         finally:
+            self._live.pop(index, None)
             if not self._done.is_set():
                 lost = self._sw.connection_lost(index)
+                self._links[index].retransmits += lost
                 if lost:
                     self._turns.wake(lost)
                 if self._bye_state == "sent" and self._bye_conn == index:
@@ -381,7 +430,10 @@ class Transmitter:
         """Send what this connection is given, until the connection fails."""
         sw = self._sw
         rank = self._rank(conn)
+        link = self._links[conn]
         while True:
+            if self._done.is_set():
+                await anyio.sleep_forever()  # the end: only ERROR may still go out
             if self._bye_state == "pending":
                 self._bye_state = "sent"
                 self._bye_conn = conn
@@ -397,8 +449,12 @@ class Transmitter:
                 continue
             _seq, chunk = taken
             chunk.sending += 1
+            self._mid_send.add(conn)
             try:
                 await stream.send(chunk.frame())  # type: ignore[arg-type]  # any buffer works
+                self._mid_send.discard(conn)  # only a completed send ends the frame
+                link.chunks += 1
+                link.nbytes += chunk.length
             finally:
                 chunk.sending -= 1
                 if chunk.acked and chunk.sending == 0:

@@ -29,7 +29,7 @@ import anyio
 import anyio.abc
 from anyio.lowlevel import checkpoint
 
-from .errors import LocalIOError
+from .errors import CannotListen, LocalIOError
 
 log = logging.getLogger("viamillipede.transport")
 
@@ -276,7 +276,7 @@ def listen(port: int, host: str | None = None) -> TcpListener:
             continue
         return TcpListener(sock)
     assert last is not None
-    raise OSError(last.errno, f"cannot listen on port {port}: {last.strerror}")
+    raise CannotListen(f"cannot listen on port {port}: {last.strerror}")
 
 
 # -- stdin / stdout ------------------------------------------------------------------------
