@@ -84,7 +84,10 @@ class Listener(Protocol):
 class _Conn:
     """One accepted connection: its stream, its outgoing frame queue and its cancel scope."""
 
-    __slots__ = ("_out", "_wake", "closed", "drained", "index", "link", "name", "scope", "stream")
+    __slots__ = (
+        "_out", "_wake", "closed", "drained", "finished", "index", "link", "name", "scope",
+        "stream",
+    )
 
     def __init__(self, stream: anyio.abc.ByteStream, name: str) -> None:
         self.stream = stream
@@ -96,8 +99,12 @@ class _Conn:
         self.drained = Notifier()
         self.closed = False
         self.link = LinkCounters(-1, name, state="up")
+        self.finished = False  # BYE_OK is queued: nothing may follow it on this connection
 
-    def queue(self, item: bytes | int) -> None:
+    def queue(self, item: bytes | int, *, final: bool = False) -> None:
+        if self.finished:
+            return
+        self.finished = final
         self._out.append(item)
         self._wake.notify()
 
@@ -457,13 +464,16 @@ class Receiver:
                 f"wrote {self._counters.nbytes} bytes, the transmitter sent {bye.nbytes}"
             )
         await self._sink.flush()
+        frame = encode(ByeOk(bye.chunks, bye.nbytes))
+        if self._succeeded:  # a BYE sent again after its connection broke
+            conn.queue(frame, final=True)
+            return
         self._succeeded = True
         # On every live connection, so that one lost reply cannot leave the transmitter
         # unsure of a complete transfer.
-        frame = encode(ByeOk(bye.chunks, bye.nbytes))
         for other in self._conns.values():
             if not other.closed:
-                other.queue(frame)
+                other.queue(frame, final=True)
         with anyio.move_on_after(HANDSHAKE_TIMEOUT):
             while not conn.idle and not conn.closed:
                 await conn.drained.wait()
