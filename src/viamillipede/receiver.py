@@ -474,12 +474,11 @@ class Receiver:
         for other in self._conns.values():
             if not other.closed:
                 other.queue(frame, final=True)
-        with anyio.move_on_after(HANDSHAKE_TIMEOUT):
-            while not conn.idle and not conn.closed:
-                await conn.drained.wait()
-        log.debug("BYE_OK sent after %d bytes", bye.nbytes)
+        # Started before any await: this connection may be cancelled from here on (replaced
+        # by a reconnect, or broken), and the end of the session must not depend on it.
         assert self._tg is not None
         self._tg.start_soon(self._linger)
+        log.debug("BYE_OK queued after %d bytes", bye.nbytes)
 
     async def _await_hangup(self, reader: FrameReader) -> None:
         """Wait for the transmitter's FIN: proof that it knows the session is complete, and
