@@ -15,13 +15,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import zlib
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 import anyio
 import anyio.abc
 
+from .checksums import ALGORITHMS, Checksum
 from .errors import (
     Interrupted,
     LinkBroken,
@@ -145,7 +145,7 @@ class Receiver:
         self.session_id: bytes | None = None
         self._chunk_size = 0
         self._window = 0
-        self._checksum = False
+        self._checksum: Checksum | None = None
         self._features = 0
         self._pool: BufferPool | None = None
 
@@ -321,7 +321,7 @@ class Receiver:
             not 1 <= hello.chunk_size <= self._max_chunk_size
             or not 1 <= hello.window <= 4096
             or hello.chunk_size * hello.window > self._max_buffer
-            or checksum not in (0, Feature.CHECKSUM_CRC32)
+            or (checksum and checksum not in ALGORITHMS)
             or hello.features & ~Feature.CHECKSUM_MASK
         ):
             return WelcomeStatus.BAD_PARAMETERS
@@ -330,7 +330,7 @@ class Receiver:
         self._chunk_size = hello.chunk_size
         self._window = hello.window
         self._features = hello.features
-        self._checksum = checksum == Feature.CHECKSUM_CRC32
+        self._checksum = ALGORITHMS[checksum][1] if checksum else None
         self._pool = BufferPool(hello.chunk_size, keep=hello.window + 8)
         self._reorder = ReorderBuffer(hello.window)
         log.info(
@@ -338,7 +338,7 @@ class Receiver:
             hello.session_id.hex()[:12],
             hello.chunk_size,
             hello.window,
-            "crc32" if self._checksum else "off",
+            ALGORITHMS[checksum][0] if checksum else "off",
         )
         return WelcomeStatus.ACCEPTED
 
@@ -409,7 +409,7 @@ class Receiver:
                 try:
                     view = memoryview(buf)[: event.length]
                     await reader.read_payload_into(view)
-                    if self._checksum and zlib.crc32(view) != event.checksum:
+                    if self._checksum and self._checksum(view) != event.checksum:
                         raise LinkBroken(f"checksum mismatch in chunk {event.seq}; discarded")
                 except BaseException:
                     pool.put(buf)

@@ -24,13 +24,13 @@ import contextlib
 import dataclasses
 import logging
 import os
-import zlib
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import anyio
 import anyio.abc
 
+from . import checksums
 from .errors import (
     Interrupted,
     LinkBroken,
@@ -63,7 +63,6 @@ from .wire import (
     Decoder,
     Error,
     ErrorCode,
-    Feature,
     Fin,
     Hello,
     ProtocolError,
@@ -147,7 +146,7 @@ class Transmitter:
         threads: int = DEFAULT_THREADS,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         window: int | None = None,
-        checksum: bool = False,
+        checksum: bool | int = False,
         checkphrase: str = DEFAULT_CHECKPHRASE,
         idle_timeout: float = DEFAULT_TIMEOUT,
         describe: Callable[[int], str] | None = None,
@@ -163,14 +162,15 @@ class Transmitter:
         self._chunk_size = chunk_size
         self._window = window if window is not None else default_window(threads)
         self._per_conn = max(2, self._window // threads)
-        self._checksum = checksum
         self._checkphrase_text = checkphrase
         self._checkphrase = encode_checkphrase(checkphrase)
         self._timeout = idle_timeout
         self._describe = describe or (lambda i: f"connection {i}")
         self._rank = rank or (lambda i: 0)
         self.session_id = session_id if session_id is not None else os.urandom(16)
-        self._features = int(Feature.CHECKSUM_CRC32) if checksum else 0
+        algorithm = checksums.DEFAULT if checksum is True else int(checksum)
+        self._features = algorithm
+        self._checksum_fn = checksums.ALGORITHMS[algorithm][1] if algorithm else None
 
         self._pool = BufferPool(DATA_HEADER_SIZE + chunk_size, keep=self._window + threads)
         self._sw: SendWindow[_Chunk] = SendWindow(self._window)
@@ -291,7 +291,7 @@ class Transmitter:
                 n += got
             if n:
                 payload = view[DATA_HEADER_SIZE : DATA_HEADER_SIZE + n]
-                crc = zlib.crc32(payload) if self._checksum else 0
+                crc = self._checksum_fn(payload) if self._checksum_fn else 0
                 if sw.all_acked():
                     self._last_progress = anyio.current_time()
                 pack_data_header(buf, sw.next_seq, n, crc)
