@@ -282,11 +282,6 @@ def listen(port: int, host: str | None = None) -> TcpListener:
 # -- stdin / stdout ------------------------------------------------------------------------
 
 
-def _pollable(fd: int) -> bool:
-    mode = os.fstat(fd).st_mode
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
-
-
 def _grow_pipe(fd: int) -> None:
     """Raise a pipe's capacity to the system maximum: fewer wake-ups per chunk (+24% measured)."""
     if not stat.S_ISFIFO(os.fstat(fd).st_mode) or not hasattr(fcntl, "F_SETPIPE_SZ"):
@@ -302,15 +297,20 @@ def _grow_pipe(fd: int) -> None:
 class _Fd:
     """A file descriptor we borrow: made non-blocking if it can be polled, restored on close.
 
-    Regular files and devices cannot be waited on with epoll, but reads and writes on them do
-    not block for long (page cache) -- except terminals, which go through a worker thread.
+    Regular files and terminals cannot be waited on with epoll, so their reads and writes go
+    through a worker thread.  For files that is also faster: copying 2 MiB between the page
+    cache and a chunk buffer takes a few hundred microseconds, and in a thread (the GIL is
+    released) it overlaps with the sockets' work on the other core -- 1 GiB from /dev/shm went
+    from 1.2-1.8 to 2.4-2.6 GB/s on loopback.  Other devices (/dev/null, /dev/zero) are
+    served inline: they never make us wait.
     """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        self.pollable = _pollable(fd)
-        self.threaded = not self.pollable and os.isatty(fd)
+        mode = os.fstat(fd).st_mode
+        self.pollable = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+        self.threaded = stat.S_ISREG(mode) or os.isatty(fd)
         if self.pollable:
             fcntl.fcntl(fd, fcntl.F_SETFL, self._flags | os.O_NONBLOCK)
             _grow_pipe(fd)
