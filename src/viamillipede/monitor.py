@@ -80,7 +80,9 @@ async def watch_signals(
                 out.write(f"viamillipede: verbosity now {verbose}\n")
             else:
                 report = session.report()
-                out.write(report.render(meter.update(report.totals.nbytes)) + "\n")
+                # On a terminal, first wipe a --progress line the report would run into.
+                clear = "\r\x1b[K" if out.isatty() else ""
+                out.write(clear + report.render(meter.update(report.totals.nbytes)) + "\n")
             out.flush()
 
 
