@@ -14,125 +14,37 @@ import contextlib
 import hashlib
 import os
 import platform
-import re
 import shlex
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
-MiB = 1 << 20
+from _common import (
+    Child,
+    Config,
+    MiB,
+    PortPool,
+    RunStats,
+    default_viamillipede,
+    human_bytes,
+    median,
+    parse_int_list,
+    parse_size,
+    parse_size_list,
+    tail,
+    tool_version,
+    unwind_on_signals,
+    wait_listening,
+)
+
 BLOCK = 16 * MiB  # input generation block
-LISTEN_STATE = "0A"  # TCP_LISTEN in /proc/net/tcp{,6}
-_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``1073741824``, ``256M``, ``1G``, ``1GiB``, ``512k``, ``1.5G`` -> bytes (binary suffixes)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256M, 1G, 1048576)")
-    n = int(float(m.group(1)) * _SUFFIX[m.group(2).upper()])
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return n
-
-
-def parse_int_list(text: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a comma-separated list of integers: {text!r}"
-        ) from None
-    if not out or any(x <= 0 for x in out):
-        raise argparse.ArgumentTypeError(f"need positive integers: {text!r}")
-    return out
-
-
-def parse_size_list(text: str) -> list[int]:
-    return [parse_size(x) for x in text.split(",") if x.strip()]
-
-
-def human_bytes(n: int) -> str:
-    for unit, mult in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= mult and n % mult == 0:
-            return f"{n // mult}{unit}"
-    return f"{n}B"
-
-
-# --------------------------------------------------------------------------- ports
-
-
-def tcp_sockets() -> list[tuple[int, str]]:
-    """(local port, state hex) of every TCP socket in this network namespace, v4 and v6."""
-    out = []
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(name) as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) > 3:
-                        out.append((int(parts[1].rsplit(":", 1)[1], 16), parts[3]))
-        except OSError:
-            continue
-    return out
-
-
-def is_listening(port: int) -> bool:
-    # Read the kernel's socket table instead of connecting: a probe connection would be a
-    # stray client that the receiver has to reject (or, for nc, would eat the one accept).
-    return any(p == port and st == LISTEN_STATE for p, st in tcp_sockets())
-
-
-class PortPool:
-    """Hands out base, base+1, ... skipping any port that has a socket in any state (a
-    listener, an ephemeral client port, TIME_WAIT leftovers)."""
-
-    def __init__(self, base: int) -> None:
-        self.next = base
-
-    def take(self) -> int:
-        used = {p for p, _ in tcp_sockets()}
-        while self.next in used:
-            self.next += 1
-        if self.next > 65535:
-            raise RuntimeError("ran out of ports; choose a lower --port")
-        port, self.next = self.next, self.next + 1
-        return port
 
 
 # --------------------------------------------------------------------------- configs
-
-
-@dataclass
-class Config:
-    name: str
-    rx: list[str]  # argv with {port} placeholders
-    tx: list[str]
-    runs: list[Run] = field(default_factory=list)
-
-    def argv(self, which: str, port: int) -> list[str]:
-        return [a.format(port=port) for a in (self.rx if which == "rx" else self.tx)]
-
-
-@dataclass
-class Run:
-    round: int
-    ok: bool
-    seconds: float = 0.0
-    mbps: float = 0.0
-    rss_tx_mib: float = 0.0
-    rss_rx_mib: float = 0.0
-    error: str = ""
 
 
 def build_configs(args: argparse.Namespace, vm: list[str] | None) -> list[Config]:
@@ -175,140 +87,7 @@ def build_configs(args: argparse.Namespace, vm: list[str] | None) -> list[Config
     return configs
 
 
-def default_viamillipede() -> str | None:
-    beside = Path(sys.executable).parent / "viamillipede"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    return shutil.which("viamillipede")
-
-
 # --------------------------------------------------------------------------- one run
-
-
-def vm_hwm_kib(status: bytes) -> int:
-    """VmHWM (peak RSS of the current address space) out of a /proc/PID/status text, KiB."""
-    m = re.search(rb"^VmHWM:\s+(\d+) kB", status, re.M)
-    return int(m.group(1)) if m else 0
-
-
-def reset_own_peak_rss() -> int:
-    """Lower this process's VmHWM to its current RSS (``clear_refs`` 5); returns the new VmHWM.
-
-    Why: Linux folds the parent's peak RSS into a child's ru_maxrss (fork copies it, and a
-    vfork child's execve folds in the shared mm's peak), so every child of this script reports
-    at least this script's peak, e.g. after the 16 MiB blocks of input generation."""
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    with open("/proc/self/status", "rb") as f:
-        return vm_hwm_kib(f.read())
-
-
-class Child:
-    """A started process reaped with os.wait4 (never Popen.wait) on its own thread, so that the
-    exit time is exact and ru_maxrss is at hand.
-
-    Peak RSS: ru_maxrss is exact when it is above ``floor_kib`` (this script's own peak when the
-    child was spawned, which Linux folds into the child's ru_maxrss).  At or below it, the child's
-    own peak is hidden, and the VmHWM sampled from /proc/PID/status every ``SAMPLE_S`` while it
-    runs (its own address space only) stands in: exact but for growth in its last moments.
-    nc sits below the floor; a Python viamillipede normally above it."""
-
-    SAMPLE_S = 0.02  # sampling interval, reached from 1 ms by doubling (short runs see some)
-
-    def __init__(self, argv: list[str], stdin: Any, stdout: Any, stderr: Any) -> None:
-        self.argv = argv
-        # Own session/process group: a timeout or Ctrl-C kills whatever the command started.
-        self.proc = subprocess.Popen(
-            argv, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True
-        )
-        with open("/proc/self/status", "rb") as f:
-            self.floor_kib = vm_hwm_kib(f.read())
-        self.exited_at: float | None = None
-        self.code: int | None = None
-        self.maxrss_kib = 0
-        self.sampled_hwm_kib = 0
-        # An open /proc/PID/status stays bound to this process, even if the pid is reused.
-        try:
-            self._status_fd: int | None = os.open(f"/proc/{self.proc.pid}/status", os.O_RDONLY)
-        except OSError:
-            self._status_fd = None
-        self._thread = threading.Thread(target=self._reap, daemon=True)
-        self._thread.start()
-        self._sampler = threading.Thread(target=self._sample, daemon=True)
-        self._sampler.start()
-
-    def _reap(self) -> None:
-        try:
-            _, status, usage = os.wait4(self.proc.pid, 0)
-        except ChildProcessError:  # somebody else reaped it; should not happen
-            self.exited_at = time.perf_counter()
-            self.code = -1
-            return
-        self.exited_at = time.perf_counter()
-        self.maxrss_kib = usage.ru_maxrss  # KiB on Linux
-        self.code = os.waitstatus_to_exitcode(status)
-        # Tell Popen, so that neither poll() nor its __del__ bookkeeping waits on a reaped pid.
-        self.proc.returncode = self.code
-
-    def _sample(self) -> None:
-        fd = self._status_fd
-        if fd is None:
-            return
-        delay = 0.001
-        try:
-            while self._thread.is_alive():
-                try:
-                    hwm = vm_hwm_kib(os.pread(fd, 8192, 0))
-                except OSError:  # gone
-                    break
-                self.sampled_hwm_kib = max(self.sampled_hwm_kib, hwm)
-                self._thread.join(delay)
-                delay = min(delay * 2, self.SAMPLE_S)
-        finally:
-            os.close(fd)
-
-    @property
-    def peak_rss_kib(self) -> int:
-        self._sampler.join(1)
-        if self.maxrss_kib > self.floor_kib:
-            return self.maxrss_kib
-        return self.sampled_hwm_kib
-
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
-    def join(self, timeout: float | None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def kill(self) -> None:
-        """SIGKILL its process group (leftovers too, if the command itself has exited)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self._thread.join(10)
-        self._sampler.join(1)
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
-
-
-def wait_listening(port: int, rx: Child, timeout: float) -> str:
-    """'' once a LISTEN socket is on ``port``, else why not."""
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    while time.monotonic() < deadline:
-        if is_listening(port):
-            return ""
-        if not rx.running():
-            return f"receiver exited with {rx.code} before listening"
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
-    return f"receiver not listening on port {port} after {timeout:.0f}s"
 
 
 def run_once(
@@ -319,14 +98,13 @@ def run_once(
     input_path: Path,
     input_sha: str | None,
     workdir: Path,
-) -> Run:
+) -> RunStats:
     size = args.size
     out_path = workdir / f"out-{port}"
     err_rx, err_tx = workdir / f"rx-{port}.err", workdir / f"tx-{port}.err"
     sink = open(out_path if args.sink == "file" else os.devnull, "wb")  # noqa: SIM115
     children: list[Child] = []
-    run = Run(rnd, ok=False)
-    reset_own_peak_rss()
+    run = RunStats(rnd)
     try:
         with open(err_rx, "wb") as erx, open(err_tx, "wb") as etx, open(input_path, "rb") as src:
             rx = Child(cfg.argv("rx", port), subprocess.DEVNULL, sink, erx)
@@ -407,10 +185,6 @@ def make_input(path: Path, size: int) -> str:
 # --------------------------------------------------------------------------- report
 
 
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
 def name_width(configs: list[Config]) -> int:
     return max(len(c.name) for c in configs)
 
@@ -451,21 +225,6 @@ def report(configs: list[Config], verbose: bool, out: TextIO = sys.stdout) -> No
                 for r in cfg.runs
             ]
             print(f"  {cfg.name:<{w}} " + "  ".join(cells), file=out)
-
-
-def tool_version(argv: list[str]) -> str:
-    try:
-        p = subprocess.run(
-            [*argv, "--version"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"? ({e})"
-    text = (p.stdout or p.stderr).strip().splitlines()
-    return text[0] if p.returncode == 0 and text else f"? (--version exited {p.returncode})"
 
 
 # --------------------------------------------------------------------------- main
@@ -565,16 +324,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Children run in their own sessions (so that a run can be killed as a group); make SIGTERM,
-    # SIGHUP and an inherited-ignored SIGINT all unwind through the cleanup that kills them.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+    unwind_on_signals()
     if shutil.which(args.nc) is None:
         print(f"loopback: {args.nc!r} not found", file=sys.stderr)
         return 2
