@@ -155,8 +155,10 @@ def test_sigusr1_reports_and_sigusr2_steps_verbosity(procs: Procs) -> None:
     assert re.search(r"^tx: \d+ bytes in \d+ chunks, .* average .* MB/s", tx_err, re.MULTILINE)
     assert re.search(r"^  window \d+/\d+ chunks; retransmits", tx_err, re.MULTILINE)
     assert re.search(r"^  target 127\.0\.0\.1:\d+: up \(\d connections\)", tx_err, re.MULTILINE)
+    # Three connections in the SIGUSR1 report, three more in the final report that the
+    # verbosity raised to 2 by SIGUSR2 asks for.
     assert len(re.findall(r"^  conn +\d+ 127\.0\.0\.1:\d+: up, in flight", tx_err,
-                          re.MULTILINE)) == 3
+                          re.MULTILINE)) == 6
     assert re.search(r"^rx: \d+ bytes in \d+ chunks", rx_err, re.MULTILINE)
     assert re.search(r"^  window \d+/\d+ chunks, reorder buffer \d+", rx_err, re.MULTILINE)
     assert re.search(r"^  conn +\d+ \S+: up", rx_err, re.MULTILINE)
@@ -536,13 +538,9 @@ def test_progress_on_a_terminal_rewrites_one_line() -> None:
     assert "0:00:02" in updates[-1] and "%" not in updates[-1]
 
 
-# -- known bugs: strict xfail, so a fix shows up as XPASS and the marker must go -------------
+# -- bugs found while writing these tests, and fixed -------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: receiver.py handle() drops the connection whose BYE failed (TruncatedStream from "
-    "_finish) before run() sends ERROR on the live connections, so that transmitter gets no "
-    "ERROR(TOTALS_MISMATCH), contrary to docs/protocol.md (end of the session, step 2)"))
 def test_truncated_bye_is_answered_with_totals_mismatch(procs: Procs) -> None:
     port = free_port()
     rx = procs.rx(port, "timeout", "20")
@@ -559,11 +557,6 @@ def test_truncated_bye_is_answered_with_totals_mismatch(procs: Procs) -> None:
     assert event.code == ErrorCode.TOTALS_MISMATCH
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: receiver.py _admit() answers SESSION_OVER when the session *failed* "
-    "(`self._succeeded or self._complete.is_set()`), with `written` = every chunk it got; a "
-    "transmitter at end of input with all chunks ACKed takes that for success "
-    "(transmitter.py _check_welcome) and exits 0 while the receiver exits 4/5/6"))
 def test_failed_session_does_not_tell_a_reconnect_it_is_over(procs: Procs) -> None:
     """The receiver times out with every chunk written but no BYE yet; while it says so on the
     open connection, the same session reconnects and must not hear "session over"."""
@@ -588,18 +581,11 @@ def test_failed_session_does_not_tell_a_reconnect_it_is_over(procs: Procs) -> No
                 and answer.written == 1), f"a failed session told a reconnect: {answer}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: monitor.py progress_line() computes a negative ETA when more bytes than --size "
-    "went through (a low --size, or a file that grew): 'ETA -1:59:59'"))
 def test_progress_eta_never_negative() -> None:
     line = monitor.progress_line(3_000_000_000, 1.0, 1e9, 2_000_000_000)
     assert "ETA -" not in line, line
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: cli.py _run() prints the final report if the *starting* verbosity was >= 2 "
-    "(`if cfg.verbose >= 2`), ignoring SIGUSR2: at level 0 it still prints it, raised to 2 "
-    "it does not"))
 @pytest.mark.parametrize(("start", "presses", "report"), [(2, 2, False), (1, 1, True)],
                          ids=["2-to-0", "1-to-2"])
 def test_final_report_follows_the_current_verbosity(
@@ -618,11 +604,6 @@ def test_final_report_follows_the_current_verbosity(
     assert ("  window " in after) == report, err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: receiver.py _writer() counts a chunk (nbytes, chunks, written) only after "
-    "`await sink.write()` returns; when the session ends during that await (the pipe is full, "
-    "or a regular file's threaded write), the bytes already on stdout are not counted, so "
-    "--stats-json, the summary and 'N bytes were delivered' understate the output"))
 def test_delivered_bytes_count_what_reached_stdout(procs: Procs) -> None:
     """A 4 MiB chunk into a 1 MiB stdout pipe nobody reads: the receiver writes part of it and
     waits; then a BYE claiming more ends the session.  Its count must match the pipe."""

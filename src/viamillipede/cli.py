@@ -353,7 +353,7 @@ def _run(cfg: Config, log: logging.Logger) -> None:
             reports.append(session.report())  # for --stats-json, taken while the clock runs
             await close()
         log.log(NOTE, "%s", stats.summary())
-        if cfg.verbose >= 2:
+        if log.isEnabledFor(logging.INFO):  # verbose >= 2, as SIGUSR2 may have changed it
             sys.stderr.write(session.report().render() + "\n")
 
     error: BaseException | None = None

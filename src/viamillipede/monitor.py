@@ -106,7 +106,7 @@ def progress_line(nbytes: int, elapsed: float, rate: float | None, size: int | N
     line = f"{nbytes / 1e6:10.1f} MB  {((rate or 0) / 1e6):7.1f} MB/s  {_clock(elapsed)}"
     if size:
         pct = min(100.0, 100.0 * nbytes / size)
-        eta = (size - nbytes) / rate if rate and rate > 0 else math.inf
+        eta = max(size - nbytes, 0) / rate if rate and rate > 0 else math.inf
         line += f"  {pct:5.1f}%  ETA {_clock(eta) if eta != math.inf else '?:??:??'}"
     return line
 

@@ -13,6 +13,7 @@ success only after a BYE whose totals match what was written and flushed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -165,7 +166,13 @@ class Receiver:
     # -- public --------------------------------------------------------------------------
 
     def statistics(self) -> TransferStats:
-        return self._counters.snapshot()
+        snap = self._counters.snapshot()
+        # A sink that counts its own bytes knows better: a write cut short by the end of the
+        # session still put some of its bytes out.
+        delivered = getattr(self._sink, "nbytes", None)
+        if isinstance(delivered, int):
+            snap = dataclasses.replace(snap, nbytes=delivered)
+        return snap
 
     def report(self) -> Report:
         now = anyio.current_time()
@@ -210,7 +217,7 @@ class Receiver:
                 tg.start_soon(feeder, tg)
             await self._complete.wait()
             if self._error is not None:
-                await self._tell_everyone(Error(self._error_code(), str(self._error)))
+                await self._tell_everyone(Error(_error_code(self._error), str(self._error)))
             tg.cancel_scope.cancel()
         for conn in list(self._conns.values()):
             await _close(conn.stream)
@@ -233,6 +240,10 @@ class Receiver:
             log.warning("dropped connection from %s: %s", name, exc)
         except ViamillipedeError as exc:
             self._fail(exc)
+            # This connection leaves the live set below, before run() says ERROR to the
+            # others: say it here, on the connection that carried the bad news.
+            with anyio.move_on_after(1.0), contextlib.suppress(*STREAM_ERRORS):
+                await stream.send(encode(Error(_error_code(exc), str(exc))))
         finally:
             conn.closed = True
             self._conn_closed.notify()
@@ -247,16 +258,6 @@ class Receiver:
             self._error = exc
         self._complete.set()
 
-    def _error_code(self) -> int:
-        if isinstance(self._error, LocalIOError):
-            return int(ErrorCode.SINK_FAILED)
-        if isinstance(self._error, PeerTimeout):
-            return int(ErrorCode.TIMEOUT)
-        if isinstance(self._error, TruncatedStream):
-            return int(ErrorCode.TOTALS_MISMATCH)
-        if isinstance(self._error, Interrupted):
-            return int(ErrorCode.ABORTED)
-        return int(ErrorCode.ABORTED)
 
     async def _guard(self, fn: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -293,7 +294,7 @@ class Receiver:
             if self.session_id is not None:
                 raise PeerTimeout(
                     f"the transmitter has been silent for {self._timeout:g} s; "
-                    f"{self._counters.nbytes} bytes were delivered"
+                    f"{self.statistics().nbytes} bytes were delivered"
                 )
             # Nobody has connected yet: a receiver may be started long before its transmitter.
             self._last_activity = now
@@ -305,8 +306,10 @@ class Receiver:
             return WelcomeStatus.BAD_VERSION
         if hello.checkphrase != self._checkphrase:
             return WelcomeStatus.BAD_CHECKPHRASE
-        if self._succeeded or self._complete.is_set():
+        if self._succeeded:
             return WelcomeStatus.SESSION_OVER
+        if self._complete.is_set():
+            return WelcomeStatus.SESSION_FAILED
         if self.session_id is not None:
             if hello.session_id != self.session_id:
                 return WelcomeStatus.WRONG_SESSION
@@ -524,12 +527,24 @@ class Receiver:
                 target.queue(seq)
 
 
+def _error_code(error: ViamillipedeError) -> int:
+    """The ERROR code that tells the transmitter why the receiver gives up."""
+    if isinstance(error, LocalIOError):
+        return int(ErrorCode.SINK_FAILED)
+    if isinstance(error, PeerTimeout):
+        return int(ErrorCode.TIMEOUT)
+    if isinstance(error, TruncatedStream):
+        return int(ErrorCode.TOTALS_MISMATCH)
+    return int(ErrorCode.ABORTED)
+
+
 _REASONS: dict[WelcomeStatus, str] = {
     WelcomeStatus.BAD_VERSION: "unsupported protocol version",
     WelcomeStatus.BAD_CHECKPHRASE: "wrong checkphrase",
     WelcomeStatus.WRONG_SESSION: "it belongs to another session (a second or stale transmitter)",
     WelcomeStatus.BAD_PARAMETERS: "chunk size, window or features out of bounds",
     WelcomeStatus.SESSION_OVER: "the session is already complete",
+    WelcomeStatus.SESSION_FAILED: "the session has failed",
 }
 
 

@@ -511,6 +511,8 @@ class Transmitter:
             raise PeerRejected(
                 f"the receiver refused chunk size {self._chunk_size} / window {self._window}"
             )
+        if status == WelcomeStatus.SESSION_FAILED:
+            raise RemoteFailure("the receiver's session has failed; see its error")
         if status == WelcomeStatus.SESSION_OVER:
             if welcome.session_id != self.session_id:
                 raise PeerRejected("the receiver has already finished another session")

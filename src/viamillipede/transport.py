@@ -347,6 +347,7 @@ class FdSink:
 
     def __init__(self, fd: int) -> None:
         self._fd = _Fd(fd)
+        self.nbytes = 0  # what actually went out, even from a write the session cut short
 
     async def write(self, data: memoryview) -> None:
         fd = self._fd
@@ -362,6 +363,7 @@ class FdSink:
                 continue
             except OSError as exc:
                 raise LocalIOError(_sink_reason(exc)) from exc
+            self.nbytes += n
             view = view[n:]
         await checkpoint()
 

@@ -41,6 +41,7 @@ class WelcomeStatus(IntEnum):
     WRONG_SESSION = 3
     BAD_PARAMETERS = 4
     SESSION_OVER = 5
+    SESSION_FAILED = 6
 
 
 class ErrorCode(IntEnum):
