@@ -85,7 +85,7 @@ class FrameReader:
             event = dec.next_event()
             if event is not NEED_DATA:
                 return event
-            want = 65536 if self._greedy else max(dec.read_hint(), 1)
+            want = 4096 if self._greedy else max(dec.read_hint(), 1)
             try:
                 data = await self.stream.receive(want)
             except anyio.EndOfStream:

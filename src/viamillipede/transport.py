@@ -107,22 +107,13 @@ class SocketStream(anyio.abc.ByteStream):
             return n
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
-        self._check_open()
-        sock = self._sock
-        while True:
-            try:
-                data = sock.recv(max_bytes)
-            except BlockingIOError:
-                await self._wait(anyio.wait_readable)
-                continue
-            except OSError as exc:
-                raise anyio.BrokenResourceError(
-                    f"receive from {self.peer}: {exc.strerror}"
-                ) from exc
-            await checkpoint()
-            if not data:
-                raise anyio.EndOfStream
-            return data
+        # Only frame headers and ACKs come this way (payloads use receive_into): one small
+        # copy is cheaper than a second receive loop.
+        buf = bytearray(max_bytes)
+        n = await self.receive_into(memoryview(buf))
+        if n == 0:
+            raise anyio.EndOfStream
+        return bytes(buf[:n])
 
     async def _wait(self, waiter: Callable[[socket.socket], Any]) -> None:
         try:
