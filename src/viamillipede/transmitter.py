@@ -417,6 +417,7 @@ class Transmitter:
             raise LinkBroken(str(exc) or type(exc).__name__) from exc
         finally:
             self._live.pop(index, None)
+            self._mid_send.discard(index)  # the next stream of this index starts clean
             if not self._done.is_set():
                 lost = self._sw.connection_lost(index)
                 self._links[index].retransmits += lost
