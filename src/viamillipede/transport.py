@@ -301,7 +301,8 @@ class _Fd:
         self._flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         mode = os.fstat(fd).st_mode
         self.pollable = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
-        self.threaded = stat.S_ISREG(mode) or os.isatty(fd)
+        self.tty = os.isatty(fd)
+        self.threaded = stat.S_ISREG(mode) or self.tty
         if self.pollable:
             fcntl.fcntl(fd, fcntl.F_SETFL, self._flags | os.O_NONBLOCK)
             _grow_pipe(fd)
@@ -322,7 +323,11 @@ class FdSource:
         while True:
             try:
                 if fd.threaded:
-                    return await anyio.to_thread.run_sync(os.readv, fd.fd, [view])
+                    # A terminal may never answer: let Ctrl-C abandon that read (the session
+                    # is ending, so the buffer it fills no longer matters).
+                    return await anyio.to_thread.run_sync(
+                        os.readv, fd.fd, [view], abandon_on_cancel=fd.tty
+                    )
                 return os.readv(fd.fd, [view])
             except BlockingIOError:
                 await anyio.wait_readable(fd.fd)
