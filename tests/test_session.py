@@ -386,3 +386,30 @@ async def test_first_target_is_filled_before_the_next(slow: bool) -> None:
         assert spare < 2 * CHUNK
     else:
         assert spare > 4 * CHUNK and preferred > 4 * CHUNK
+
+
+async def test_a_pausing_source_is_sent_without_waiting_for_a_full_chunk() -> None:
+    """A trickle (a log, a slow producer) reaches the receiver after a short pause, not when
+    a whole chunk has filled or the stream ends."""
+    finish = anyio.Event()
+
+    class Trickle(BytesSource):
+        async def readinto(self, view: memoryview) -> int:
+            if self._pos == 0:
+                return await super().readinto(view[:10])  # ten bytes, then a pause
+            if self._pos == 10:
+                await finish.wait()
+            return await super().readinto(view)
+
+    sink = SignallingSink(10)
+    net = MemoryNetwork()
+    tx = Transmitter(Trickle(b"0123456789" + b"x" * 100), net.connect, threads=2,
+                     chunk_size=CHUNK)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(Receiver(sink).serve, net)
+            tg.start_soon(tx.run)
+            await sink.reached.wait()
+            assert bytes(sink.data) == b"0123456789"
+            finish.set()
+    assert bytes(sink.data) == b"0123456789" + b"x" * 100

@@ -158,6 +158,8 @@ async def serve_tcp(
 class BytesSource:
     """A source over an in-memory buffer (tests, small payloads)."""
 
+    cancel_safe = True  # a cancelled read has taken nothing
+
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self._view = memoryview(data).cast("B")
         self._pos = 0
@@ -172,6 +174,8 @@ class BytesSource:
 
 class StreamSource:
     """A source over any anyio byte stream (a subprocess's stdout, a TLS stream...)."""
+
+    cancel_safe = True  # anyio streams lose nothing when a receive is cancelled
 
     def __init__(self, stream: anyio.abc.ByteReceiveStream) -> None:
         self._stream = stream

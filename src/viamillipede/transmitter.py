@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -126,6 +127,9 @@ class _Turns:
             del self._waiting[conn]
             event.set()
 
+
+#: How long a partly filled chunk waits for more input before it is sent as it is.
+FLUSH_AFTER = 0.2
 
 #: First and longest pause between attempts to (re)connect one connection.
 BACKOFF_START = 0.1
@@ -283,12 +287,19 @@ class Transmitter:
             n = 0
             eof = False
             end = DATA_HEADER_SIZE + size
+            # A trickling source (a log, a slow producer) must not wait for a whole chunk to
+            # fill: once some bytes are in, a pause of FLUSH_AFTER sends what there is.  Only
+            # where cancelling a read cannot lose bytes.
+            patience = FLUSH_AFTER if getattr(self._source, "cancel_safe", False) else math.inf
             while n < size:
-                got = await self._source.readinto(view[DATA_HEADER_SIZE + n : end])
-                if got == 0:
-                    eof = True
-                    break
-                n += got
+                with anyio.move_on_after(patience if n else math.inf):
+                    got = await self._source.readinto(view[DATA_HEADER_SIZE + n : end])
+                    if got == 0:
+                        eof = True
+                        break
+                    n += got
+                    continue
+                break  # the source paused with a partial chunk in hand
             if n:
                 payload = view[DATA_HEADER_SIZE : DATA_HEADER_SIZE + n]
                 crc = self._checksum_fn(payload) if self._checksum_fn else 0

@@ -317,6 +317,9 @@ class FdSource:
 
     def __init__(self, fd: int) -> None:
         self._fd = _Fd(fd)
+        #: A pipe or socket read waits in epoll before it reads, so cancelling it loses
+        #: nothing; a read in a worker thread could complete after being given up on.
+        self.cancel_safe = self._fd.pollable
 
     async def readinto(self, view: memoryview) -> int:
         fd = self._fd
