@@ -64,10 +64,6 @@ class SendWindow(Generic[T]):
         self._drop_acked_retries()
         return bool(self._retry or self._fresh)
 
-    def queued(self) -> int:
-        self._drop_acked_retries()
-        return len(self._retry) + len(self._fresh)
-
     def _drop_acked_retries(self) -> None:
         while self._retry and self._retry[0] not in self.unacked:
             self._retry.popleft()
