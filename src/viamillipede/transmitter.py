@@ -82,21 +82,39 @@ class Source(Protocol):
     async def readinto(self, view: memoryview) -> int: ...
 
 
+class RegionSource(Protocol):
+    """A source that is a file the kernel can send from (see ``FdSource``): chunks are regions
+    of it, sent with ``SocketStream.send_file`` and re-read if they must be sent again."""
+
+    file_fd: int | None
+
+    def claim(self, size: int) -> tuple[int, int]: ...
+
+    async def pread(self, view: memoryview, offset: int) -> None: ...
+
+
 #: Opens connection number ``index`` (0-based); raises ConnectFailed if it cannot.
 Connector = Callable[[int], Awaitable[anyio.abc.ByteStream]]
 
 
 class _Chunk:
-    __slots__ = ("acked", "buf", "length", "sending")
+    """A chunk in the window: its frame in a pooled ``buf``, or (``offset`` >= 0) only its
+    header in ``buf`` and the payload in the source file at ``offset``."""
 
-    def __init__(self, buf: bytearray, length: int) -> None:
+    __slots__ = ("acked", "buf", "length", "offset", "sending")
+
+    def __init__(self, buf: bytearray, length: int, offset: int = -1) -> None:
         self.buf = buf
         self.length = length
+        self.offset = offset
         self.sending = 0  # sends of this buffer in progress: it is not reused before 0
         self.acked = False
 
     def frame(self) -> memoryview:
         return memoryview(self.buf)[: DATA_HEADER_SIZE + self.length]
+
+    def header(self) -> memoryview:
+        return memoryview(self.buf)[:DATA_HEADER_SIZE]
 
 
 class _SessionOver(Exception):
@@ -175,6 +193,12 @@ class Transmitter:
         algorithm = checksums.DEFAULT if checksum is True else int(checksum)
         self._features = algorithm
         self._checksum_fn = checksums.ALGORITHMS[algorithm][1] if algorithm else None
+        # A file is sent from the page cache, unless chunks must be checksummed: a checksum
+        # covers the bytes read once, and a file changing under us would make every re-read
+        # of a lost chunk fail it, so then chunks are captured in buffers as from a pipe.
+        self._regions: RegionSource | None = None
+        if getattr(source, "file_fd", None) is not None and not algorithm:
+            self._regions = source  # type: ignore[assignment]  # checked just above
 
         self._pool = BufferPool(DATA_HEADER_SIZE + chunk_size, keep=self._window + threads)
         self._sw: SendWindow[_Chunk] = SendWindow(self._window)
@@ -265,9 +289,13 @@ class Transmitter:
         for chunk in self._sw.on_ack(conn, seq, written, now):
             chunk.acked = True
             if chunk.sending == 0:
-                self._pool.put(chunk.buf)
+                self._release(chunk)
         self._acked.notify()
         self._maybe_finish()
+
+    def _release(self, chunk: _Chunk) -> None:
+        if chunk.offset < 0:
+            self._pool.put(chunk.buf)
 
     def _maybe_finish(self) -> None:
         if self._eof and self._sw.all_acked() and self._bye_state == "none":
@@ -276,7 +304,26 @@ class Transmitter:
 
     # -- source --------------------------------------------------------------------------
 
+    def _add_chunk(self, chunk: _Chunk) -> None:
+        sw = self._sw
+        if sw.all_acked():
+            self._last_progress = anyio.current_time()
+        sw.add(chunk)
+        self._counters.chunks += 1
+        self._counters.nbytes += chunk.length
+        self._total_bytes += chunk.length
+        self._turns.wake(1)
+
+    def _source_ended(self) -> None:
+        self._eof = True
+        log.debug("end of input after %d bytes in %d chunks", self._total_bytes,
+                  self._sw.next_seq)
+        self._maybe_finish()
+
     async def _read_source(self) -> None:
+        if self._regions is not None:
+            await self._claim_regions(self._regions)
+            return
         size = self._chunk_size
         sw = self._sw
         while True:
@@ -303,22 +350,26 @@ class Transmitter:
             if n:
                 payload = view[DATA_HEADER_SIZE : DATA_HEADER_SIZE + n]
                 crc = self._checksum_fn(payload) if self._checksum_fn else 0
-                if sw.all_acked():
-                    self._last_progress = anyio.current_time()
                 pack_data_header(buf, sw.next_seq, n, crc)
-                sw.add(_Chunk(buf, n))
-                self._counters.chunks += 1
-                self._counters.nbytes += n
-                self._total_bytes += n
-                self._turns.wake(1)
+                self._add_chunk(_Chunk(buf, n))
             else:
                 self._pool.put(buf)
             if eof:
-                self._eof = True
-                log.debug("end of input after %d bytes in %d chunks", self._total_bytes,
-                          sw.next_seq)
-                self._maybe_finish()
+                self._source_ended()
                 return
+
+    async def _claim_regions(self, source: RegionSource) -> None:
+        sw = self._sw
+        while True:
+            while not sw.can_add():
+                await self._acked.wait()
+            offset, n = source.claim(self._chunk_size)
+            if n == 0:
+                self._source_ended()
+                return
+            header = bytearray(DATA_HEADER_SIZE)
+            pack_data_header(header, sw.next_seq, n, 0)
+            self._add_chunk(_Chunk(header, n, offset))
 
     async def _watchdog(self) -> None:
         while True:
@@ -463,14 +514,34 @@ class Transmitter:
             chunk.sending += 1
             self._mid_send.add(conn)
             try:
-                await stream.send(chunk.frame())  # type: ignore[arg-type]  # any buffer works
+                if chunk.offset < 0:
+                    await stream.send(chunk.frame())  # type: ignore[arg-type]  # any buffer
+                else:
+                    await self._send_region(stream, chunk)
                 self._mid_send.discard(conn)  # only a completed send ends the frame
                 link.chunks += 1
                 link.nbytes += chunk.length
             finally:
                 chunk.sending -= 1
                 if chunk.acked and chunk.sending == 0:
-                    self._pool.put(chunk.buf)
+                    self._release(chunk)
+
+    async def _send_region(self, stream: anyio.abc.ByteStream, chunk: _Chunk) -> None:
+        source = self._regions
+        assert source is not None and source.file_fd is not None
+        send_file = getattr(stream, "send_file", None)
+        if send_file is not None:
+            await send_file(chunk.header(), source.file_fd, chunk.offset, chunk.length)
+            return
+        # A stream that wants the bytes themselves (in memory, or fault injection).
+        buf = self._pool.get()
+        try:
+            view = memoryview(buf)[: DATA_HEADER_SIZE + chunk.length]
+            view[:DATA_HEADER_SIZE] = chunk.header()
+            await source.pread(view[DATA_HEADER_SIZE:], chunk.offset)
+            await stream.send(view)  # type: ignore[arg-type]  # any buffer works
+        finally:
+            self._pool.put(buf)
 
     async def _confirm(self, stream: anyio.abc.ByteStream) -> None:
         """Tell the receiver we know it is done (FIN), so it can stop listening; then finish.
