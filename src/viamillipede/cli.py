@@ -29,6 +29,7 @@ from .options import (
     MAX_CHUNK_SIZE,
     MAX_THREADS,
     MIN_CHUNK_SIZE,
+    PREALLOCATE_AHEAD,
 )
 
 PROG = "viamillipede"
@@ -325,7 +326,7 @@ def _run(cfg: Config, log: logging.Logger) -> None:
         meter = RateMeter()
         session: Receiver | Transmitter
         if cfg.mode == "rx":
-            sink = FdSink(sys.stdout.fileno())
+            sink = FdSink(sys.stdout.fileno(), preallocate=PREALLOCATE_AHEAD)
             session = Receiver(sink, checkphrase=cfg.checkphrase, idle_timeout=cfg.timeout)
             size = cfg.size
             run = serve_tcp(session, cfg.port, host=cfg.listen,

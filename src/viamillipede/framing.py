@@ -101,6 +101,13 @@ class FrameReader:
         size = len(view)
         stream = self.stream
         try:
+            exactly = getattr(stream, "receive_exactly_into", None)
+            if exactly is not None and got < size:
+                n = await exactly(view[got:])
+                dec.payload_consumed(n)
+                got += n
+                if got < size:
+                    raise LinkBroken("connection closed inside a DATA frame")
             while got < size:
                 if self._fast:
                     assert isinstance(stream, ReceiveInto)

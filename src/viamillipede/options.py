@@ -20,6 +20,9 @@ DEFAULT_TIMEOUT = 60.0
 HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 
+PREALLOCATE_AHEAD = 16 * 1024 * 1024
+"""How far ahead of the writer a regular output file's blocks are allocated."""
+
 MAX_RECEIVER_BUFFER = 1024 * 1024 * 1024
 """The most a receiver agrees to hold in its reorder buffer (window x chunk size)."""
 
