@@ -2,15 +2,38 @@
 
 The stream arrives complete and in order, and survives connections and links that break: every
 chunk stays with the transmitter until the receiver acknowledges it.  See README.md.
+
+The names below are imported on first use: the command line starts by importing this package,
+and each process should pay only for the half (transmitter or receiver) it runs.
 """
 
-from .api import BufferSink, BytesSource, StreamSink, StreamSource, receive, send
-from .errors import ExitCode, ViamillipedeError
-from .receiver import Receiver
-from .stats import TransferStats
-from .transmitter import Transmitter
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .api import BufferSink, BytesSource, StreamSink, StreamSource, receive, send
+    from .errors import ExitCode, ViamillipedeError
+    from .receiver import Receiver
+    from .stats import TransferStats
+    from .transmitter import Transmitter
 
 __version__ = "0.1.0"
+
+_WHERE = {
+    "BufferSink": "api",
+    "BytesSource": "api",
+    "StreamSink": "api",
+    "StreamSource": "api",
+    "receive": "api",
+    "send": "api",
+    "ExitCode": "errors",
+    "ViamillipedeError": "errors",
+    "Receiver": "receiver",
+    "TransferStats": "stats",
+    "Transmitter": "transmitter",
+}
 
 __all__ = [
     "BufferSink",
@@ -26,3 +49,16 @@ __all__ = [
     "receive",
     "send",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'viamillipede' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
