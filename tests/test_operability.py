@@ -10,6 +10,7 @@ is not a terminal, is tested in-process under Trio's mock clock instead.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
@@ -22,6 +23,7 @@ import sys
 import termios
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,7 @@ from viamillipede.wire import (
     Decoder,
     Error,
     ErrorCode,
+    Feature,
     Hello,
     Welcome,
     WelcomeStatus,
@@ -341,7 +344,7 @@ def _recv_event(sock: socket.socket, decoder: Decoder) -> object:
 
 def _fake_session(
     port: int, session: bytes, conn_index: int = 0, *, chunk_size: int = CHUNK,
-    wait: bool = True,
+    wait: bool = True, features: int = 0,
 ) -> tuple[socket.socket, Decoder, object]:
     """A transmitter played over a raw socket: it says HELLO for ``session`` (default
     checkphrase, window 8, no features); returns the socket, its decoder and the answer.
@@ -349,7 +352,7 @@ def _fake_session(
     sock = connect_when_listening(port) if wait else socket.create_connection((HOST, port), 10)
     sock.settimeout(10)
     sock.sendall(encode(Hello(checkphrase=b"yoes", session_id=session, conn_index=conn_index,
-                              chunk_size=chunk_size, window=8, features=0)))
+                              chunk_size=chunk_size, window=8, features=features)))
     decoder = Decoder.for_transmitter()
     return sock, decoder, _recv_event(sock, decoder)
 
@@ -604,19 +607,38 @@ def test_final_report_follows_the_current_verbosity(
     assert ("  window " in after) == report, err
 
 
-def test_delivered_bytes_count_what_reached_stdout(procs: Procs) -> None:
-    """A 4 MiB chunk into a 1 MiB stdout pipe nobody reads: the receiver writes part of it and
-    waits; then a BYE claiming more ends the session.  Its count must match the pipe."""
-    big = 4 * MiB
+@pytest.mark.parametrize("path", ["buffered", "spliced"])
+def test_delivered_bytes_count_what_reached_stdout(procs: Procs, path: str) -> None:
+    """A chunk bigger than the stdout pipe nobody reads: the receiver writes part of it and
+    waits; then a BYE claiming more ends the session.  Its count must match the pipe.
+
+    With a checksum the chunk is received into a buffer first and then written; without, it
+    is spliced from the socket into the pipe (which then takes more than its nominal size, as
+    pipe slots hold whole socket fragments: hence the bigger chunk)."""
+    big = 4 * MiB if path == "buffered" else 32 * MiB
+    features = int(Feature.CHECKSUM_CRC32) if path == "buffered" else 0
     port = free_port()
     rx = procs.rx(port, "timeout", "20", "--stats-json", str(procs.dir / "rx.json"),
                   stdout=subprocess.PIPE)
     assert rx.popen.stdout is not None
-    sock, decoder, welcome = _fake_session(port, os.urandom(16), chunk_size=big)
+    session = os.urandom(16)
+    sock, decoder, welcome = _fake_session(port, session, chunk_size=big, features=features)
     with sock:
         assert isinstance(welcome, Welcome) and welcome.status == WelcomeStatus.ACCEPTED
-        sock.sendall(encode(Data(seq=0, checksum=0, payload=b"y" * big)))
-        assert _recv_event(sock, decoder) == Ack(0, 0)  # received; now being written
+        payload = b"y" * big
+        crc = zlib.crc32(payload) if features else 0
+        if path == "buffered":
+            sock.sendall(encode(Data(seq=0, checksum=crc, payload=payload)))
+            assert _recv_event(sock, decoder) == Ack(0, 0)  # received; now being written
+        else:  # the receiver takes it as the pipe drains: the send cannot complete
+            frame = encode(Data(seq=0, checksum=crc, payload=payload))
+            sock.settimeout(None)
+
+            def send_all() -> None:
+                with contextlib.suppress(OSError):  # the receiver hangs up part-way
+                    sock.sendall(frame)
+
+            threading.Thread(target=send_all, daemon=True).start()
         capacity = fcntl.fcntl(rx.popen.stdout.fileno(), F_GETPIPE_SZ)
         assert capacity < big
 
@@ -627,8 +649,12 @@ def test_delivered_bytes_count_what_reached_stdout(procs: Procs) -> None:
             return int.from_bytes(pending, sys.byteorder) >= capacity
 
         wait_until(pipe_full, "the receiver to fill its stdout pipe")
-        sock.sendall(encode(Bye(chunks=2, nbytes=2 * big)))
-        rx.popen.wait(timeout=WAIT)
+        # On a second connection: on the first, BYE would wait behind the payload.
+        other, _, welcome = _fake_session(port, session, 1, chunk_size=big, features=features)
+        with other:
+            assert isinstance(welcome, Welcome) and welcome.status == WelcomeStatus.ACCEPTED
+            other.sendall(encode(Bye(chunks=2, nbytes=2 * big)))
+            rx.popen.wait(timeout=WAIT)
     delivered = len(rx.popen.stdout.read())
     assert delivered >= capacity
     rx.finish(5)

@@ -28,6 +28,7 @@ from .errors import (
     LinkBroken,
     LocalIOError,
     PeerTimeout,
+    ProtocolViolation,
     RemoteFailure,
     TruncatedStream,
     ViamillipedeError,
@@ -42,6 +43,7 @@ from .options import (
     encode_checkphrase,
 )
 from .stats import Counters, LinkCounters, Report, TransferStats, link_stats
+from .transport import SocketStream
 from .window import Offer, ReorderBuffer
 from .wire import (
     PROTOCOL_VERSION,
@@ -68,6 +70,12 @@ log = logging.getLogger("viamillipede.rx")
 #: How long a receiver that has written everything waits for the transmitter to confirm it
 #: heard so, before exiting anyway.
 LINGER = 10.0
+
+#: How long a chunk that arrives before its turn may wait in its socket for that turn, to go
+#: to the sink without a copy, before it is read into a buffer after all.  On loopback and fast
+#: LANs the chunks ahead of it finish well within this; on slower paths it soon gives up, so a
+#: waiting chunk does not hold its connection's flow for long.
+PARK_LIMIT = 0.02
 
 
 class Sink(Protocol):
@@ -151,6 +159,14 @@ class Receiver:
         self._pool: BufferPool | None = None
 
         self._reorder: ReorderBuffer[tuple[bytearray, int, _Conn]] = ReorderBuffer(1)
+        # Chunks go to the sink by splice (no copy) when sink and connection allow it; the
+        # sink then has two users, the writer task and a connection's direct chunk, in turn.
+        self._splice = bool(getattr(sink, "can_splice", False))
+        self._direct = False  # this session may splice (no checksum to verify)
+        self._sink_busy = False
+        self._partial = 0  # bytes of chunk `written` already in the sink (a splice cut short)
+        self._splicing = -1  # the chunk on its way to the sink directly, if any
+        self.spliced = 0  # chunks that went to the sink without a copy
         self._arrived = Notifier()
         self._progress = Notifier()
         self._conns: dict[int, _Conn] = {}
@@ -334,6 +350,7 @@ class Receiver:
         self._window = hello.window
         self._features = hello.features
         self._checksum = ALGORITHMS[checksum][1] if checksum else None
+        self._direct = self._splice and self._checksum is None
         self._pool = BufferPool(hello.chunk_size, keep=hello.window + 8)
         self._reorder = ReorderBuffer(hello.window)
         log.info(
@@ -408,6 +425,14 @@ class Receiver:
             event = await reader.next_event()
             self._last_activity = anyio.current_time()
             if isinstance(event, DataHeader):
+                if self._direct and await self._my_turn(conn, reader, event.seq):
+                    self._splicing = event.seq
+                    try:
+                        await self._splice_chunk(conn, reader, event)
+                    finally:
+                        self._splicing = -1
+                        self._release_sink()
+                    continue
                 buf = pool.get()
                 try:
                     view = memoryview(buf)[: event.length]
@@ -438,9 +463,84 @@ class Receiver:
                 assert isinstance(event, Data)
                 raise ProtocolError("unexpected whole DATA event")
 
+    # -- chunks straight to the sink -----------------------------------------------------
+
+    async def _my_turn(self, conn: _Conn, reader: FrameReader, seq: int) -> bool:
+        """Wait (a little) until chunk ``seq`` is the next to write and the sink is free; then
+        hold the sink and say True.  False: take the buffered path after all.
+
+        Leaving the payload in the socket meanwhile is what lets it skip our memory; the
+        kernel's socket buffer holds it, and the transmitter's window bounds how much.
+        """
+        if not isinstance(conn.stream, SocketStream) or reader.decoder.buffered:
+            return False
+        reorder = self._reorder
+        if not reorder.written <= seq < reorder.written + reorder.window:
+            return False  # a duplicate or a violation: the buffered path knows what to do
+        with anyio.move_on_after(PARK_LIMIT):
+            while reorder.written < seq or self._sink_busy:
+                await self._progress.wait()
+        if reorder.written != seq or self._sink_busy or reorder.ready() is not None:
+            return False
+        self._sink_busy = True
+        return True
+
+    def _release_sink(self) -> None:
+        self._sink_busy = False
+        self._progress.notify()
+        self._arrived.notify()  # the writer may hold the next chunk already
+
+    async def _splice_chunk(self, conn: _Conn, reader: FrameReader, header: DataHeader) -> None:
+        """Move chunk ``header.seq`` (our turn, sink held) from the socket to the sink."""
+        assert isinstance(conn.stream, SocketStream) and self._pool is not None
+        length = header.length
+        if self._partial:
+            # A splice of this chunk broke off earlier: its first bytes are out already.
+            if length < self._partial:
+                raise ProtocolViolation(
+                    f"chunk {header.seq} came again shorter ({length} bytes) than the "
+                    f"{self._partial} bytes already written of it"
+                )
+            scratch = self._pool.get()
+            try:
+                await reader.read_payload_into(memoryview(scratch)[: self._partial])
+            finally:
+                self._pool.put(scratch)
+
+        def moved(n: int) -> None:
+            reader.decoder.payload_consumed(n)
+            self._partial += n
+
+        try:
+            await self._sink.splice_from(  # type: ignore[attr-defined]  # can_splice said so
+                conn.stream, length - self._partial, moved
+            )
+        except STREAM_ERRORS as exc:
+            raise LinkBroken(str(exc) or type(exc).__name__) from exc
+        self._partial = 0
+        self.spliced += 1
+        self._reorder.skip()
+        self._chunk_written(header.seq, length, conn)
+        conn.link.chunks += 1
+        conn.link.nbytes += length
+
+    def _chunk_written(self, seq: int, length: int, conn: _Conn) -> None:
+        self._counters.nbytes += length
+        self._counters.chunks += 1
+        self._progress.notify()
+        # Tell the transmitter the window moved, on a connection that still lives.
+        target = conn if not conn.closed else next(
+            (c for c in self._conns.values() if not c.closed), None
+        )
+        if target is not None:
+            target.queue(seq)
+
     def _file_chunk(self, seq: int, buf: bytearray, length: int, conn: _Conn) -> None:
         assert self._pool is not None
-        verdict = self._reorder.offer(seq, (buf, length, conn))
+        if seq == self._splicing:  # another copy is going to the sink right now
+            verdict = Offer.DUPLICATE
+        else:
+            verdict = self._reorder.offer(seq, (buf, length, conn))
         if verdict is Offer.ACCEPTED:
             if seq == self._reorder.written:
                 self._arrived.notify()
@@ -481,7 +581,8 @@ class Receiver:
         # by a reconnect, or broken), and the end of the session must not depend on it.
         assert self._tg is not None
         self._tg.start_soon(self._linger)
-        log.debug("BYE_OK queued after %d bytes", bye.nbytes)
+        log.debug("BYE_OK queued after %d bytes; %d of %d chunks were spliced to the output",
+                  bye.nbytes, self.spliced, bye.chunks)
 
     async def _await_hangup(self, reader: FrameReader) -> None:
         """Wait for the transmitter's FIN: proof that it knows the session is complete, and
@@ -506,25 +607,27 @@ class Receiver:
         sink = self._sink
         while True:
             reorder = self._reorder  # replaced when the session is bound
-            if (ready := reorder.ready()) is None:
+            if self._sink_busy or (ready := reorder.ready()) is None:
                 await self._arrived.wait()
                 continue
             # Stays in the reorder buffer while being written, so BYE sees it as present.
             buf, length, conn = ready
-            await sink.write(memoryview(buf)[:length])
+            if length < self._partial:
+                raise ProtocolViolation(
+                    f"chunk {reorder.written} came again shorter ({length} bytes) than the "
+                    f"{self._partial} bytes already written of it"
+                )
+            self._sink_busy = True
+            try:
+                await sink.write(memoryview(buf)[self._partial : length])
+            finally:
+                self._sink_busy = False
+            self._partial = 0
             seq = reorder.written
             reorder.advance()
             assert self._pool is not None
             self._pool.put(buf)
-            self._counters.nbytes += length
-            self._counters.chunks += 1
-            self._progress.notify()
-            # Tell the transmitter the window moved, on a connection that still lives.
-            target = conn if not conn.closed else next(
-                (c for c in self._conns.values() if not c.closed), None
-            )
-            if target is not None:
-                target.queue(seq)
+            self._chunk_written(seq, length, conn)
 
 
 def _error_code(error: ViamillipedeError) -> int:

@@ -19,6 +19,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import stat
 import struct
@@ -142,7 +143,6 @@ class SocketStream(anyio.abc.ByteStream):
         small ones, each costing a trip through the event loop.
         """
         self._check_open()
-        sock = self._sock
         size = len(view)
         got = 0
         lowat = 1
@@ -150,22 +150,30 @@ class SocketStream(anyio.abc.ByteStream):
             while got < size:
                 n = self._recv_nowait(view[got:])
                 if n is None:
-                    want = min(size - got, RECEIVE_LOWAT)
-                    if want != lowat:
-                        with contextlib.suppress(OSError):  # then we are just woken more often
-                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
-                        lowat = want
-                    await self._wait(anyio.wait_readable)
+                    lowat = await self._wait_for_data(size - got, lowat)
                     continue
                 if n == 0:
                     break
                 got += n
         finally:
-            if lowat != 1 and not self._closed:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            self._reset_lowat(lowat)
         await checkpoint()
         return got
+
+    async def _wait_for_data(self, missing: int, lowat: int) -> int:
+        """Wait until a good part of ``missing`` bytes can be read; returns the low-water mark
+        now set (undo with :meth:`_reset_lowat` before waiting for anything smaller)."""
+        want = min(missing, RECEIVE_LOWAT)
+        if want != lowat:
+            with contextlib.suppress(OSError):  # then we are just woken more often
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+        await self._wait(anyio.wait_readable)
+        return want
+
+    def _reset_lowat(self, lowat: int) -> None:
+        if lowat != 1 and not self._closed:
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         # Only frame headers and ACKs come this way (payloads use receive_into): one small
@@ -549,9 +557,21 @@ class FdSink:
         self._position = 0
         # Not with O_APPEND: appends go wherever the end is at the time.
         regular = stat.S_ISREG(os.fstat(fd).st_mode) and not self._fd.flags & os.O_APPEND
-        if preallocate and regular:
+        if regular:
             self._position = os.lseek(fd, 0, os.SEEK_CUR)
+        if preallocate and regular:
             self._prealloc = _Preallocator(fd, self._position, preallocate)
+        #: How splice_from moves data: straight into a pipe, or via a pipe of ours into a file.
+        self._splice: str | None = None
+        self._pipe: tuple[int, ...] = ()
+        self._pipe_size = 0
+        fifo = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        if hasattr(os, "splice") and (fifo or regular):
+            self._splice = "pipe" if fifo else "file"
+        if self._splice == "file":
+            self._pipe = os.pipe2(os.O_CLOEXEC)
+            _grow_pipe(self._pipe[1])
+            self._pipe_size = fcntl.fcntl(self._pipe[1], fcntl.F_GETPIPE_SZ)
 
     async def write(self, data: memoryview) -> None:
         fd = self._fd
@@ -574,6 +594,67 @@ class FdSink:
             view = view[n:]
         await checkpoint()
 
+    @property
+    def can_splice(self) -> bool:
+        """Whether :meth:`splice_from` works here: a pipe, or a regular file not in append mode."""
+        return self._splice is not None
+
+    async def splice_from(
+        self, stream: SocketStream, count: int, moved: Callable[[int], None]
+    ) -> None:
+        """Move the next ``count`` bytes of ``stream`` to this sink without copying them
+        through user space; ``moved(n)`` reports every step that reached the sink.
+
+        Into a pipe, splice passes the socket's pages on by reference; into a file, one copy
+        (pipe to page cache) replaces two (recv, then write).
+        """
+        mode = self._splice
+        assert mode is not None
+        sock = stream._sock
+        source = sock.fileno()
+        out = self._fd.fd
+        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        if self._prealloc is not None:
+            self._prealloc.advance(self._position + count)
+        lowat = 1
+        try:
+            while count:
+                step = count if mode == "pipe" else min(count, self._pipe_size)
+                into = out if mode == "pipe" else self._pipe[1]
+                try:
+                    n = os.splice(source, into, step, flags=flags)
+                except BlockingIOError:
+                    # The socket has nothing, or (into a pipe sink) the pipe is full.
+                    if mode == "pipe" and select.select([source], [], [], 0)[0]:
+                        await anyio.wait_writable(out)
+                    else:
+                        lowat = await stream._wait_for_data(count, lowat)
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.EPIPE:
+                        raise LocalIOError(_sink_reason(exc)) from exc
+                    raise anyio.BrokenResourceError(
+                        f"receive from {stream.peer}: {exc.strerror}"
+                    ) from exc
+                if n == 0:
+                    raise anyio.BrokenResourceError(f"{stream.peer} closed the connection")
+                if mode == "file":
+                    self._drain_pipe(n)
+                self.nbytes += n
+                self._position += n
+                count -= n
+                moved(n)
+        finally:
+            stream._reset_lowat(lowat)
+        await checkpoint()
+
+    def _drain_pipe(self, n: int) -> None:
+        while n:
+            try:
+                n -= os.splice(self._pipe[0], self._fd.fd, n, flags=os.SPLICE_F_MOVE)
+            except OSError as exc:
+                raise LocalIOError(_sink_reason(exc)) from exc
+
     async def flush(self) -> None:
         # os.write is unbuffered: once it returned, the bytes belong to the kernel/consumer.
         await checkpoint()
@@ -582,6 +663,9 @@ class FdSink:
         if self._prealloc is not None:
             self._prealloc.close(self._position)
             self._prealloc = None
+        for fd in self._pipe:
+            os.close(fd)
+        self._pipe = ()
         self._fd.restore()
 
 

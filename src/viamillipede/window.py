@@ -185,6 +185,11 @@ class ReorderBuffer(Generic[T]):
         self.written += 1
         return item
 
+    def skip(self) -> None:
+        """Mark the next chunk written that never waited here (it went to the sink directly)."""
+        assert self.written not in self._held
+        self.written += 1
+
     def missing(self, upto: int) -> list[int]:
         """Sequences below ``upto`` that are neither written nor held."""
         return [s for s in range(self.written, upto) if s not in self._held]

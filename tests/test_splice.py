@@ -1,0 +1,121 @@
+"""Chunks spliced from the socket straight into the output (a file or a pipe), and the
+bookkeeping when such a splice is cut short: no byte lost, none written twice."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from viamillipede import BytesSource, Receiver
+from viamillipede.api import serve_tcp, tcp_transmitter
+from viamillipede.transport import FdSink, SocketStream
+
+pytestmark = pytest.mark.anyio
+
+CHUNK = 64 * 1024
+DATA = os.urandom(50 * CHUNK + 321)
+
+
+async def transfer(sink: FdSink, *, threads: int = 3, receiver: Receiver | None = None) -> Receiver:
+    rx = receiver or Receiver(sink)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(serve_tcp, rx, 0)
+        tx = tcp_transmitter(BytesSource(DATA), [("127.0.0.1", port)], threads=threads,
+                             chunk_size=CHUNK)
+        await tx.run()
+    return rx
+
+
+async def test_chunks_are_spliced_into_a_file(tmp_path: Path) -> None:
+    out = anyio.Path(tmp_path / "out.bin")
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        sink = FdSink(fd)
+        assert sink.can_splice
+        with anyio.fail_after(30):
+            rx = await transfer(sink)
+        await sink.aclose()
+        assert sink.nbytes == len(DATA)
+    finally:
+        os.close(fd)
+    assert await out.read_bytes() == DATA
+    assert rx.spliced > 0, "no chunk took the splice path"
+
+
+async def test_chunks_are_spliced_into_a_pipe() -> None:
+    r, w = os.pipe()
+    received = bytearray()
+
+    async def drain() -> None:
+        while True:
+            await anyio.wait_readable(r)
+            block = os.read(r, 1 << 20)
+            if not block:
+                return
+            received.extend(block)
+
+    try:
+        os.set_blocking(r, False)
+        sink = FdSink(w)
+        assert sink.can_splice
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(drain)
+                rx = await transfer(sink)
+                await sink.aclose()
+                os.close(w)
+                w = -1
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert bytes(received) == DATA
+    assert rx.spliced > 0, "no chunk took the splice path"
+
+
+class CutOnce(FdSink):
+    """The first splice moves part of its chunk, then the link "breaks"."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self.cut = False
+
+    async def splice_from(
+        self, stream: SocketStream, count: int, moved: Callable[[int], None]
+    ) -> None:
+        if not self.cut:
+            self.cut = True
+            await super().splice_from(stream, count // 3, moved)
+            raise anyio.BrokenResourceError("cut on purpose")
+        await super().splice_from(stream, count, moved)
+
+
+@pytest.mark.parametrize("again", ["spliced", "buffered"])
+async def test_a_chunk_cut_short_is_completed_from_its_resend(tmp_path: Path, again: str) -> None:
+    """The resent chunk's first bytes are already out: they are dropped, whichever way the
+    resend takes (spliced again, or buffered and written by the writer task)."""
+    out = anyio.Path(tmp_path / "out.bin")
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        sink = CutOnce(fd)
+        rx = Receiver(sink)
+        if again == "buffered":
+            real_turn = rx._my_turn
+
+            async def turn(*args: object) -> bool:
+                return not sink.cut and await real_turn(*args)  # type: ignore[arg-type]
+
+            rx._my_turn = turn  # type: ignore[method-assign]
+        with anyio.fail_after(30):
+            await transfer(sink, receiver=rx)
+        await sink.aclose()
+    finally:
+        os.close(fd)
+    assert sink.cut
+    assert await out.read_bytes() == DATA
+    assert sink.nbytes == len(DATA)
+    assert rx.statistics().nbytes == len(DATA)
