@@ -100,9 +100,19 @@ def run_once(
     workdir: Path,
 ) -> RunStats:
     size = args.size
-    out_path = workdir / f"out-{port}"
     err_rx, err_tx = workdir / f"rx-{port}.err", workdir / f"tx-{port}.err"
-    sink = open(out_path if args.sink == "file" else os.devnull, "wb")  # noqa: SIM115
+    if args.sink == "existing":
+        # One output file per config, overwritten in place: its pages already exist.
+        out_path = workdir / f"out-{cfg.name.replace(' ', '_')}"
+        if not out_path.exists():  # allocated once, before any timing
+            with open(out_path, "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, args.size)
+        sink = open(out_path, "r+b")  # noqa: SIM115
+    else:
+        out_path = workdir / f"out-{port}"
+        sink = open(out_path if args.sink == "file" else os.devnull, "wb")  # noqa: SIM115
+    if args.settle:
+        time.sleep(args.settle)  # freed pages go back to the host: every run starts alike
     children: list[Child] = []
     run = RunStats(rnd)
     try:
@@ -130,7 +140,7 @@ def run_once(
         if tx.code != 0 or rx.code != 0:
             run.error = f"exit codes tx={tx.code} rx={rx.code}"
             return run
-        if args.sink == "file":
+        if args.sink in ("file", "existing"):
             got = out_path.stat().st_size
             if got != size:
                 run.error = f"output has {got} bytes, input {size}"
@@ -153,7 +163,9 @@ def run_once(
                     run.error += f"\n  --- {label} stderr (tail) ---\n" + "\n".join(
                         "  " + ln for ln in text.splitlines()
                     )
-        for path in (out_path, err_rx, err_tx):
+        for path in (err_rx, err_tx) if args.sink == "existing" and run.ok else (
+            out_path, err_rx, err_tx
+        ):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -266,10 +278,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--sink",
-        choices=["devnull", "file"],
+        choices=["devnull", "file", "existing"],
         default="devnull",
-        help="receiver output: /dev/null (default), or a file in --dir (then the first "
-        "good round of each config is verified by sha256 against the input)",
+        help="receiver output: /dev/null (default); 'file': a new file in --dir every run; "
+        "'existing': one file per config in --dir, overwritten in place every round, so no "
+        "run pays for allocating its pages (steadier: on a VM, how much that costs depends "
+        "on what the host did with freed memory).  With a file, the first good round of each "
+        "config is verified by sha256 against the input",
+    )
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=None,
+        help="seconds to pause before each run, so memory freed by the previous run has "
+        "been handed back (a VM with free page reporting) and every run writes into fresh "
+        "pages alike; default 3 with --sink file, else 0",
     )
     ap.add_argument(
         "--dir",
@@ -321,6 +344,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--rounds must be >= 1")
     if args.timeout is None:
         args.timeout = 60 + args.size / 5e6
+    if args.settle is None:
+        args.settle = 3.0 if args.sink == "file" else 0.0
     return args
 
 
@@ -347,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = build_configs(args, vm)
     print(
         f"# loopback bench: {human_bytes(args.size)} ({args.size} bytes) per run, "
-        f"{args.rounds} round(s) interleaved, sink={args.sink}, input in {args.dir}"
+        f"{args.rounds} round(s) interleaved, sink={args.sink}, input in {args.dir}, "
+        f"settle {args.settle:g}s"
     )
     print(
         f"# {platform.node()} {platform.system()} {platform.release()}, "
@@ -379,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             for cfg in configs:
                 port = ports.take()
                 run = run_once(
-                    cfg, rnd, port, args, input_path, sha if args.sink == "file" else None, workdir
+                    cfg, rnd, port, args, input_path,
+                    sha if args.sink != "devnull" else None, workdir,
                 )
                 cfg.runs.append(run)
                 if not run.ok:
