@@ -493,7 +493,8 @@ class _Preallocator:
         self._fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         self._fd = fd
         self._ahead = ahead
-        self._done = start  # allocated up to here
+        # Allocated up to here: what the file holds already needs nothing.
+        self._done = max(start, os.fstat(fd).st_size)
         self._want = start
         self._stop = False
         self._cond = threading.Condition()
@@ -503,8 +504,11 @@ class _Preallocator:
 
     def advance(self, position: int) -> None:
         """The writer has reached ``position``."""
+        want = position + self._ahead
+        if want - self._done < self.STEP:
+            return  # far enough ahead still: no wake-up (nor GIL hand-off) for the thread
         with self._cond:
-            self._want = position + self._ahead
+            self._want = want
             self._cond.notify()
 
     def caught_up(self, timeout: float) -> bool:
