@@ -2,11 +2,13 @@
 
 Everything is written against anyio, so these coroutines run in a Trio program or an asyncio
 program alike.  The command line is a thin shell over :func:`send` and :func:`receive`.
+Each half is imported when first used, so a process pays only for the end it runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
@@ -20,10 +22,12 @@ from .options import (
     DEFAULT_THREADS,
     DEFAULT_TIMEOUT,
 )
-from .receiver import Receiver, Sink
 from .stats import TransferStats
-from .transmitter import Source, Transmitter
 from .transport import ConnectFailed, connect, listen
+
+if TYPE_CHECKING:
+    from .receiver import Receiver, Sink
+    from .transmitter import Source, Transmitter
 
 Target = tuple[str, int]
 
@@ -95,6 +99,8 @@ def tcp_transmitter(
         generations[index] += 1
         return wrap(index, generation, stream) if wrap else stream
 
+    from .transmitter import Transmitter
+
     return Transmitter(
         source,
         open_connection,
@@ -125,6 +131,8 @@ async def receive(
     Use with ``await task_group.start(receive, sink, 0)`` to learn the bound port (0 picks a
     free one) once the socket is listening.
     """
+    from .receiver import Receiver
+
     receiver = Receiver(sink, checkphrase=checkphrase, idle_timeout=idle_timeout)
     return await serve_tcp(receiver, port, host=host, wrap=wrap, task_status=task_status)
 

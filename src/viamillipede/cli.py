@@ -322,8 +322,10 @@ def _run(cfg: Config, log: logging.Logger) -> None:
     from .api import serve_tcp, tcp_transmitter
     from .framing import first_error
     from .monitor import NOTE, RateMeter, known_size, show_progress, watch_signals
-    from .receiver import Receiver
     from .transport import FdSink, FdSource
+
+    if cfg.mode == "rx":
+        from .receiver import Receiver
 
     gc.freeze()
     gc.enable()
