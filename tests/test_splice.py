@@ -119,3 +119,30 @@ async def test_a_chunk_cut_short_is_completed_from_its_resend(tmp_path: Path, ag
     assert await out.read_bytes() == DATA
     assert sink.nbytes == len(DATA)
     assert rx.statistics().nbytes == len(DATA)
+
+
+async def test_chunks_are_spliced_into_dev_null() -> None:
+    fd = os.open(os.devnull, os.O_WRONLY)
+    try:
+        sink = FdSink(fd)
+        assert sink.can_splice
+        with anyio.fail_after(30):
+            rx = await transfer(sink)
+        await sink.aclose()
+    finally:
+        os.close(fd)
+    assert sink.nbytes == len(DATA)
+    assert rx.spliced > 0, "no chunk took the splice path"
+
+
+def test_other_devices_and_appending_files_are_not_spliced(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        assert not FdSink(fd).can_splice
+    finally:
+        os.close(fd)
+    fd = os.open("/dev/zero", os.O_WRONLY)
+    try:
+        assert not FdSink(fd).can_splice
+    finally:
+        os.close(fd)

@@ -167,6 +167,7 @@ class Receiver:
         self._partial = 0  # bytes of chunk `written` already in the sink (a splice cut short)
         self._splicing = -1  # the chunk on its way to the sink directly, if any
         self.spliced = 0  # chunks that went to the sink without a copy
+        self._parked: dict[int, Notifier] = {}  # connections waiting for a chunk's turn, by seq
         self._arrived = Notifier()
         self._progress = Notifier()
         self._conns: dict[int, _Conn] = {}
@@ -477,17 +478,29 @@ class Receiver:
         reorder = self._reorder
         if not reorder.written <= seq < reorder.written + reorder.window:
             return False  # a duplicate or a violation: the buffered path knows what to do
-        with anyio.move_on_after(PARK_LIMIT):
-            while reorder.written < seq or self._sink_busy:
-                await self._progress.wait()
+        # Woken only when this chunk's turn may have come, not at every chunk written.
+        turn = self._parked.setdefault(seq, Notifier())
+        try:
+            with anyio.move_on_after(PARK_LIMIT):
+                while reorder.written < seq or self._sink_busy:
+                    await turn.wait()
+        finally:
+            if self._parked.get(seq) is turn:
+                del self._parked[seq]
         if reorder.written != seq or self._sink_busy or reorder.ready() is not None:
             return False
         self._sink_busy = True
         return True
 
+    def _next_turn(self) -> None:
+        """The sink is free: wake the connection holding the next chunk, if one waits."""
+        turn = self._parked.get(self._reorder.written)
+        if turn is not None:
+            turn.notify()
+
     def _release_sink(self) -> None:
         self._sink_busy = False
-        self._progress.notify()
+        self._next_turn()
         self._arrived.notify()  # the writer may hold the next chunk already
 
     async def _splice_chunk(self, conn: _Conn, reader: FrameReader, header: DataHeader) -> None:
@@ -628,6 +641,7 @@ class Receiver:
             assert self._pool is not None
             self._pool.put(buf)
             self._chunk_written(seq, length, conn)
+            self._next_turn()
 
 
 def _error_code(error: ViamillipedeError) -> int:
