@@ -105,41 +105,54 @@ async def test_a_file_over_streams_without_sendfile_is_read_into_buffers(
 
 
 @pytest.mark.parametrize("checksum", [False, True])
-async def test_checksummed_file_chunks_are_captured(
+async def test_a_file_changed_under_a_checksummed_transfer_fails_loudly(
     payload: tuple[BinaryIO, bytes, Path], checksum: bool
 ) -> None:
-    """With checksums the bytes are read once into buffers, so a re-sent chunk always matches
-    its checksum; without, a region is read when it is sent (as by any file copier)."""
+    """Without checksums a region is read when it is sent, as by any file copier.  With them,
+    a region is hashed when claimed; changed before it is sent, the receiver refuses it, and
+    the re-send finds the change: an error, not a chunk failing its checksum for ever."""
     f, data, _path = payload
     taken = anyio.Event()
 
     class Watched(FdSource):
-        async def readinto(self, view: memoryview) -> int:
-            n = await super().readinto(view)
-            taken.set()
-            return n
-
         def claim(self, size: int) -> tuple[int, int]:
             region = super().claim(size)
-            taken.set()
+            if not checksum:
+                taken.set()
             return region
+
+        async def pread(self, view: memoryview, offset: int) -> None:
+            await super().pread(view, offset)
+            taken.set()  # with checksums: the region has been read for its hash
 
     net = MemoryNetwork()
     sink = BufferSink()
-    with anyio.fail_after(30):
+    changed = b"X" * 10 + data[10:]
 
-        async def connect(index: int) -> anyio.abc.ByteStream:
-            await taken.wait()  # the first chunk is in the window, nothing is sent yet
+    modified = []
+
+    async def connect(index: int) -> anyio.abc.ByteStream:
+        if not modified:
+            await taken.wait()  # the first chunk is claimed (and hashed): nothing sent yet
             os.pwrite(f.fileno(), b"X" * 10, 0)
-            return await net.connect(index)
+            modified.append(True)
+        return await net.connect(index)
 
-        tx = Transmitter(Watched(f.fileno()), connect, threads=1, chunk_size=CHUNK,
-                         checksum=checksum)
+    tx = Transmitter(Watched(f.fileno()), connect, threads=1, chunk_size=CHUNK,
+                     checksum=checksum)
+    with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             tg.start_soon(Receiver(sink).serve, net)
-            await tx.run()
+            if checksum:
+                with pytest.raises(LocalIOError, match="changed while it was being sent"):
+                    await tx.run()
+            else:
+                await tx.run()
             tg.cancel_scope.cancel()
-    assert sink.data == (data if checksum else b"X" * 10 + data[10:])
+    if checksum:
+        assert not sink.data.startswith(b"X"), "a changed chunk reached the output"
+    else:
+        assert sink.data == changed
 
 
 async def test_a_file_that_shrinks_while_sent_fails_loudly(

@@ -35,6 +35,7 @@ from . import checksums
 from .errors import (
     Interrupted,
     LinkBroken,
+    LocalIOError,
     PeerRejected,
     PeerTimeout,
     ProtocolViolation,
@@ -101,12 +102,14 @@ class _Chunk:
     """A chunk in the window: its frame in a pooled ``buf``, or (``offset`` >= 0) only its
     header in ``buf`` and the payload in the source file at ``offset``."""
 
-    __slots__ = ("acked", "buf", "length", "offset", "sending")
+    __slots__ = ("acked", "buf", "crc", "length", "offset", "sending", "sent")
 
-    def __init__(self, buf: bytearray, length: int, offset: int = -1) -> None:
+    def __init__(self, buf: bytearray, length: int, offset: int = -1, crc: int = 0) -> None:
         self.buf = buf
         self.length = length
         self.offset = offset
+        self.crc = crc  # of a region: what its bytes hashed to when it was claimed
+        self.sent = 0  # sends started: more than one means this is a re-send
         self.sending = 0  # sends of this buffer in progress: it is not reused before 0
         self.acked = False
 
@@ -193,11 +196,11 @@ class Transmitter:
         algorithm = checksums.DEFAULT if checksum is True else int(checksum)
         self._features = algorithm
         self._checksum_fn = checksums.ALGORITHMS[algorithm][1] if algorithm else None
-        # A file is sent from the page cache, unless chunks must be checksummed: a checksum
-        # covers the bytes read once, and a file changing under us would make every re-read
-        # of a lost chunk fail it, so then chunks are captured in buffers as from a pipe.
+        # A regular file is sent from the page cache.  With checksums each region is read
+        # once to hash it, and read again before it is re-sent: a file that changed under us
+        # is an error, not a chunk that fails its checksum for ever.
         self._regions: RegionSource | None = None
-        if getattr(source, "file_fd", None) is not None and not algorithm:
+        if getattr(source, "file_fd", None) is not None:
             self._regions = source  # type: ignore[assignment]  # checked just above
 
         self._pool = BufferPool(DATA_HEADER_SIZE + chunk_size, keep=self._window + threads)
@@ -367,9 +370,20 @@ class Transmitter:
             if n == 0:
                 self._source_ended()
                 return
+            crc = await self._hash_region(source, offset, n) if self._checksum_fn else 0
             header = bytearray(DATA_HEADER_SIZE)
-            pack_data_header(header, sw.next_seq, n, 0)
-            self._add_chunk(_Chunk(header, n, offset))
+            pack_data_header(header, sw.next_seq, n, crc)
+            self._add_chunk(_Chunk(header, n, offset, crc))
+
+    async def _hash_region(self, source: RegionSource, offset: int, length: int) -> int:
+        assert self._checksum_fn is not None
+        buf = self._pool.get()
+        try:
+            view = memoryview(buf)[:length]
+            await source.pread(view, offset)
+            return self._checksum_fn(view)
+        finally:
+            self._pool.put(buf)
 
     async def _watchdog(self) -> None:
         while True:
@@ -529,6 +543,12 @@ class Transmitter:
     async def _send_region(self, stream: anyio.abc.ByteStream, chunk: _Chunk) -> None:
         source = self._regions
         assert source is not None and source.file_fd is not None
+        chunk.sent += 1
+        resent = chunk.sent > 1 and self._checksum_fn is not None
+        if resent and await self._hash_region(source, chunk.offset, chunk.length) != chunk.crc:
+            raise LocalIOError(
+                f"the input file changed while it was being sent (at byte {chunk.offset})"
+            )
         send_file = getattr(stream, "send_file", None)
         if send_file is not None:
             await send_file(chunk.header(), source.file_fd, chunk.offset, chunk.length)
