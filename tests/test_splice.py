@@ -30,20 +30,29 @@ async def transfer(sink: FdSink, *, threads: int = 3, receiver: Receiver | None 
     return rx
 
 
-async def test_chunks_are_spliced_into_a_file(tmp_path: Path) -> None:
-    out = anyio.Path(tmp_path / "out.bin")
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+async def splice_into(path: str | Path, flags: int) -> None:
+    """A whole transfer into ``path``, which must take the splice path."""
+    fd = os.open(path, flags)
     try:
         sink = FdSink(fd)
         assert sink.can_splice
         with anyio.fail_after(30):
             rx = await transfer(sink)
         await sink.aclose()
-        assert sink.nbytes == len(DATA)
     finally:
         os.close(fd)
-    assert await out.read_bytes() == DATA
+    assert sink.nbytes == len(DATA)
     assert rx.spliced > 0, "no chunk took the splice path"
+
+
+async def test_chunks_are_spliced_into_a_file(tmp_path: Path) -> None:
+    out = anyio.Path(tmp_path / "out.bin")
+    await splice_into(tmp_path / "out.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    assert await out.read_bytes() == DATA
+
+
+async def test_chunks_are_spliced_into_dev_null() -> None:
+    await splice_into(os.devnull, os.O_WRONLY)
 
 
 async def test_chunks_are_spliced_into_a_pipe() -> None:
@@ -109,7 +118,7 @@ async def test_a_chunk_cut_short_is_completed_from_its_resend(tmp_path: Path, ag
             async def turn(*args: object) -> bool:
                 return not sink.cut and await real_turn(*args)  # type: ignore[arg-type]
 
-            rx._my_turn = turn  # type: ignore[method-assign]
+            rx._my_turn = turn  # type: ignore[method-assign, assignment]
         with anyio.fail_after(30):
             await transfer(sink, receiver=rx)
         await sink.aclose()
@@ -119,20 +128,6 @@ async def test_a_chunk_cut_short_is_completed_from_its_resend(tmp_path: Path, ag
     assert await out.read_bytes() == DATA
     assert sink.nbytes == len(DATA)
     assert rx.statistics().nbytes == len(DATA)
-
-
-async def test_chunks_are_spliced_into_dev_null() -> None:
-    fd = os.open(os.devnull, os.O_WRONLY)
-    try:
-        sink = FdSink(fd)
-        assert sink.can_splice
-        with anyio.fail_after(30):
-            rx = await transfer(sink)
-        await sink.aclose()
-    finally:
-        os.close(fd)
-    assert sink.nbytes == len(DATA)
-    assert rx.spliced > 0, "no chunk took the splice path"
 
 
 def test_other_devices_and_appending_files_are_not_spliced(tmp_path: Path) -> None:
