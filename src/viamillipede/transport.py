@@ -565,16 +565,15 @@ class FdSink:
             self._position = os.lseek(fd, 0, os.SEEK_CUR)
         if preallocate and regular:
             self._prealloc = _Preallocator(fd, self._position, preallocate)
-        #: How splice_from moves data: straight into a pipe, or via a pipe of ours into a file
-        #: (or /dev/null).
+        #: How splice_from moves data: straight into a pipe, or via a pipe of ours into a file.
         self._splice: str | None = None
         self._pipe: tuple[int, ...] = ()
         self._pipe_size = 0
-        st = os.fstat(fd)
-        fifo = stat.S_ISFIFO(st.st_mode)
-        # /dev/null too (throughput tests): it takes splice, and it is the same device always.
-        null = stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat(os.devnull).st_rdev
-        if hasattr(os, "splice") and (fifo or regular or null):
+        # Not /dev/null: it costs nothing to write, and reading chunks into buffers as they
+        # come (all connections at once) beat taking turns to splice (1 GiB, threads 4:
+        # 0.23 s against 0.30 s).
+        fifo = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        if hasattr(os, "splice") and (fifo or regular):
             self._splice = "pipe" if fifo else "file"
         if self._splice == "file":
             self._pipe = os.pipe2(os.O_CLOEXEC)
@@ -604,8 +603,7 @@ class FdSink:
 
     @property
     def can_splice(self) -> bool:
-        """Whether :meth:`splice_from` works here: a pipe, /dev/null, or a regular file not in
-        append mode."""
+        """Whether :meth:`splice_from` works here: a pipe, or a regular file not in append mode."""
         return self._splice is not None
 
     async def splice_from(
