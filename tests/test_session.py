@@ -10,6 +10,8 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 import pytest
+import trio
+import trio.testing
 
 from viamillipede import BufferSink, BytesSource, Receiver, Transmitter, receive, send
 from viamillipede.errors import LocalIOError, PeerRejected, PeerTimeout, RemoteFailure
@@ -413,3 +415,52 @@ async def test_a_pausing_source_is_sent_without_waiting_for_a_full_chunk() -> No
             assert bytes(sink.data) == b"0123456789"
             finish.set()
     assert bytes(sink.data) == b"0123456789" + b"x" * 100
+
+
+class SlowAcks(Counting):
+    """Counts what a connection sends, and holds each frame the receiver sends back for
+    ``delay`` seconds: a path where a chunk takes that long to be acknowledged."""
+
+    def __init__(self, inner: anyio.abc.ByteStream, tally: dict[int, int], index: int,
+                 delay: float) -> None:
+        super().__init__(inner, tally, index)
+        self.delay = delay
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        data = await self.inner.receive(max_bytes)
+        await anyio.sleep(self.delay)
+        return data
+
+
+def _spread(delay: float) -> list[float]:
+    """Share of the payload bytes each of 4 connections carried (Trio, mock clock)."""
+    tally: dict[int, int] = {}
+    net = MemoryNetwork()
+    net.wrap = lambda i, s: SlowAcks(s, tally, i, delay)
+    data = os.urandom(200 * CHUNK)
+
+    async def main() -> None:
+        sink = BufferSink()
+        tx = Transmitter(BytesSource(data), net.connect, threads=4, chunk_size=CHUNK)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(Receiver(sink).serve, net)
+            await tx.run()
+            tg.cancel_scope.cancel()
+        assert sink.data == data
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    total = sum(tally.values())
+    return [tally.get(i, 0) / total for i in range(4)]
+
+
+def test_a_fast_path_is_filled_one_connection_at_a_time() -> None:
+    """Chunks acknowledged at once: the first connection takes them while it keeps up."""
+    shares = _spread(0.0)
+    assert shares[0] > 0.6, shares
+
+
+def test_a_slow_path_keeps_every_connection_to_its_share() -> None:
+    """Chunks acknowledged 50 ms later (a flow-limited path): every connection carries its
+    part, as every flow adds capacity there."""
+    shares = _spread(0.05)
+    assert min(shares) > 0.15, shares
