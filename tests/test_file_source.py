@@ -14,7 +14,7 @@ import pytest
 from viamillipede import BufferSink, Receiver, Transmitter, receive
 from viamillipede.api import tcp_transmitter
 from viamillipede.errors import LocalIOError
-from viamillipede.testing import MemoryNetwork
+from viamillipede.testing import MemoryNetwork, PassThrough
 from viamillipede.transport import FdSource
 
 pytestmark = pytest.mark.anyio
@@ -32,12 +32,13 @@ def payload(tmp_path: Path) -> Iterator[tuple[BinaryIO, bytes, Path]]:
         yield f, data, path
 
 
-class Breaking(anyio.abc.ByteStream):
+class Breaking(PassThrough):
     """Passes ``send_file`` through to a real socket stream, but the first generation of each
     connection breaks after ``after`` regions: their chunks must be re-read from the file."""
 
     def __init__(self, inner: anyio.abc.ByteStream, after: int | None, log: list[str]) -> None:
-        self.inner, self.after, self.log = inner, after, log
+        super().__init__(inner)
+        self.after, self.log = after, log
 
     async def send_file(self, header: memoryview, fd: int, offset: int, count: int) -> None:
         if self.after is not None:
@@ -49,20 +50,8 @@ class Breaking(anyio.abc.ByteStream):
         self.log.append(f"region {offset}")
         await self.inner.send_file(header, fd, offset, count)  # type: ignore[attr-defined]
 
-    async def send(self, item: bytes | bytearray | memoryview) -> None:
-        await self.inner.send(item)
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        return await self.inner.receive(max_bytes)
-
     async def receive_into(self, view: memoryview) -> int:
         return await self.inner.receive_into(view)  # type: ignore[attr-defined, no-any-return]
-
-    async def send_eof(self) -> None:
-        await self.inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def test_a_file_is_sent_from_the_page_cache_and_lost_regions_are_reread(

@@ -15,7 +15,7 @@ import trio.testing
 
 from viamillipede import BufferSink, BytesSource, Receiver, Transmitter, receive, send
 from viamillipede.errors import LocalIOError, PeerRejected, PeerTimeout, RemoteFailure
-from viamillipede.testing import MemoryNetwork
+from viamillipede.testing import MemoryNetwork, PassThrough
 
 pytestmark = pytest.mark.anyio
 
@@ -89,14 +89,14 @@ async def test_checksummed_session() -> None:
     assert rx.statistics().duplicates == 0
 
 
-class Breaking(anyio.abc.ByteStream):
+class Breaking(PassThrough):
     """Wraps a stream; fails the ``fail_at``-th send (1-based) by closing the connection,
     optionally after sending ``partial`` bytes of it, or flips a payload byte instead."""
 
     def __init__(
         self, inner: anyio.abc.ByteStream, fail_at: int, *, partial: int = 0, corrupt: bool = False
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.fail_at = fail_at
         self.partial = partial
         self.corrupt = corrupt
@@ -114,15 +114,6 @@ class Breaking(anyio.abc.ByteStream):
             await self.inner.aclose()
             raise anyio.BrokenResourceError("injected break")
         await self.inner.send(item)
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        return await self.inner.receive(max_bytes)
-
-    async def send_eof(self) -> None:
-        await self.inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 def first_generation(
@@ -335,24 +326,16 @@ async def test_receiver_listens_on_ipv4_and_ipv6(address: str) -> None:
     assert sink.data == data
 
 
-class Counting(anyio.abc.ByteStream):
+class Counting(PassThrough):
     """Counts the bytes a transmitter connection sends."""
 
     def __init__(self, inner: anyio.abc.ByteStream, tally: dict[int, int], index: int) -> None:
-        self.inner, self.tally, self.index = inner, tally, index
+        super().__init__(inner)
+        self.tally, self.index = tally, index
 
     async def send(self, item: bytes | bytearray | memoryview) -> None:
         self.tally[self.index] = self.tally.get(self.index, 0) + len(item)
         await self.inner.send(item)
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        return await self.inner.receive(max_bytes)
-
-    async def send_eof(self) -> None:
-        await self.inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 @pytest.mark.parametrize("slow", [True, False])

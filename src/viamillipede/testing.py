@@ -53,6 +53,26 @@ class MemoryByteStream(anyio.abc.ByteStream):
         return {}
 
 
+class PassThrough(anyio.abc.ByteStream):
+    """A stream wrapper that hands everything to ``inner``: subclass it and override the one
+    operation a test wants to watch or break."""
+
+    def __init__(self, inner: anyio.abc.ByteStream) -> None:
+        self.inner = inner
+
+    async def send(self, item: bytes) -> None:
+        await self.inner.send(item)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.inner.receive(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 def memory_stream_pair(
     buffer: int = 16, names: tuple[str, str] = ("left", "right")
 ) -> tuple[MemoryByteStream, MemoryByteStream]:
