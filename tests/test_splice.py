@@ -4,6 +4,7 @@ bookkeeping when such a splice is cut short: no byte lost, none written twice.""
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -140,3 +141,33 @@ def test_devices_and_appending_files_are_not_spliced(tmp_path: Path) -> None:
             assert not FdSink(fd).can_splice
         finally:
             os.close(fd)
+
+
+async def test_send_pages_hands_a_buffer_larger_than_its_pipe_to_a_slow_reader() -> None:
+    """``send_pages`` goes through a pipe of at most 1 MiB and a socket that fills up: the
+    payload is cut into pipe-sized pieces and the socket waited for, and every byte arrives
+    in order after its header."""
+    payload = bytearray(os.urandom(3 * 1024 * 1024 + 77))
+    header = b"HDR:"
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)  # fills long before the end
+    tx, rx = SocketStream(a), SocketStream(b)
+    received = bytearray()
+
+    async def read_all() -> None:
+        buf = memoryview(bytearray(256 * 1024))
+        while len(received) < len(header) + 2 * len(payload):
+            n = await rx.receive_into(buf)
+            assert n, "the stream ended early"
+            received.extend(buf[:n])
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_all)
+            await tx.send_pages(memoryview(header), memoryview(payload))
+            await tx.send_pages(memoryview(b""), memoryview(payload))  # the pipe is reused
+    await tx.aclose()
+    await rx.aclose()
+    assert received == header + payload + payload

@@ -37,7 +37,6 @@ from . import checksums
 from .errors import (
     Interrupted,
     LinkBroken,
-    LocalIOError,
     PeerRejected,
     PeerTimeout,
     ProtocolViolation,
@@ -93,7 +92,9 @@ class RegionSource(Protocol):
 
     def claim(self, size: int) -> tuple[int, int]: ...
 
-    async def pread(self, view: memoryview, offset: int) -> None: ...
+    async def pread(
+        self, view: memoryview, offset: int, digest: Callable[[memoryview], int] | None = None
+    ) -> int: ...
 
 
 #: Opens connection number ``index`` (0-based); raises ConnectFailed if it cannot.
@@ -104,14 +105,12 @@ class _Chunk:
     """A chunk in the window: its frame in a pooled ``buf``, or (``offset`` >= 0) only its
     header in ``buf`` and the payload in the source file at ``offset``."""
 
-    __slots__ = ("acked", "buf", "crc", "length", "offset", "sending", "sent")
+    __slots__ = ("acked", "buf", "length", "offset", "sending")
 
-    def __init__(self, buf: bytearray, length: int, offset: int = -1, crc: int = 0) -> None:
+    def __init__(self, buf: bytearray, length: int, offset: int = -1) -> None:
         self.buf = buf
         self.length = length
         self.offset = offset
-        self.crc = crc  # of a region: what its bytes hashed to when it was claimed
-        self.sent = 0  # sends started: more than one means this is a re-send
         self.sending = 0  # sends of this buffer in progress: it is not reused before 0
         self.acked = False
 
@@ -398,20 +397,23 @@ class Transmitter:
             if n == 0:
                 self._source_ended()
                 return
-            crc = await self._hash_region(source, offset, n) if self._checksum_fn else 0
+            if self._checksum_fn is not None:
+                # The bytes must be read to be hashed anyway: keep them, and send them from
+                # memory.  Cheaper than sendfile'ing the file's pages afterwards (see
+                # SocketStream.send_pages), and a re-send needs no second read.
+                buf = self._pool.get()
+                view = memoryview(buf)[DATA_HEADER_SIZE : DATA_HEADER_SIZE + n]
+                try:
+                    crc = await source.pread(view, offset, self._checksum_fn)
+                except BaseException:
+                    self._pool.put(buf)
+                    raise
+                pack_data_header(buf, sw.next_seq, n, crc)
+                self._add_chunk(_Chunk(buf, n))
+                continue
             header = bytearray(DATA_HEADER_SIZE)
-            pack_data_header(header, sw.next_seq, n, crc)
-            self._add_chunk(_Chunk(header, n, offset, crc))
-
-    async def _hash_region(self, source: RegionSource, offset: int, length: int) -> int:
-        assert self._checksum_fn is not None
-        buf = self._pool.get()
-        try:
-            view = memoryview(buf)[:length]
-            await source.pread(view, offset)
-            return self._checksum_fn(view)
-        finally:
-            self._pool.put(buf)
+            pack_data_header(header, sw.next_seq, n, 0)
+            self._add_chunk(_Chunk(header, n, offset))
 
     async def _watchdog(self) -> None:
         while True:
@@ -569,7 +571,7 @@ class Transmitter:
             self._mid_send.add(conn)
             try:
                 if chunk.offset < 0:
-                    await stream.send(chunk.frame())  # type: ignore[arg-type]  # any buffer
+                    await self._send_buffered(stream, chunk)
                 else:
                     await self._send_region(stream, chunk)
                 self._mid_send.discard(conn)  # only a completed send ends the frame
@@ -580,15 +582,23 @@ class Transmitter:
                 if chunk.acked and chunk.sending == 0:
                     self._release(chunk)
 
+    async def _send_buffered(self, stream: anyio.abc.ByteStream, chunk: _Chunk) -> None:
+        send_pages = getattr(stream, "send_pages", None)
+        if send_pages is not None and self._checksum_fn is not None:
+            # The payload's pages go to the socket by reference, so the kernel reads them
+            # after this returns; the buffer is reused only once the chunk is acknowledged, so
+            # a receiver that reads a (stale, duplicate) copy later sees at worst bytes that
+            # fail their checksum.  Without a checksum such bytes could be written: there a
+            # receiver splicing the socket into a pipe passes the pages on to its consumer,
+            # which may read them after the ACK.
+            payload = memoryview(chunk.buf)[DATA_HEADER_SIZE : DATA_HEADER_SIZE + chunk.length]
+            await send_pages(chunk.header(), payload)
+            return
+        await stream.send(chunk.frame())  # type: ignore[arg-type]  # any buffer works
+
     async def _send_region(self, stream: anyio.abc.ByteStream, chunk: _Chunk) -> None:
         source = self._regions
         assert source is not None and source.file_fd is not None
-        chunk.sent += 1
-        resent = chunk.sent > 1 and self._checksum_fn is not None
-        if resent and await self._hash_region(source, chunk.offset, chunk.length) != chunk.crc:
-            raise LocalIOError(
-                f"the input file changed while it was being sent (at byte {chunk.offset})"
-            )
         send_file = getattr(stream, "send_file", None)
         if send_file is not None:
             await send_file(chunk.header(), source.file_fd, chunk.offset, chunk.length)

@@ -51,6 +51,7 @@ class SocketStream(anyio.abc.ByteStream):
         sock.setblocking(False)
         self._sock = sock
         self._closed = False
+        self._pages: _PagePipe | None = None
         try:
             self.peer = _format_addr(sock.getpeername())
         except OSError:
@@ -117,6 +118,33 @@ class SocketStream(anyio.abc.ByteStream):
                 raise LocalIOError("the input file shrank while it was being sent")
             offset += n
             count -= n
+
+    async def send_pages(self, header: memoryview, payload: memoryview) -> None:
+        """Send ``header``, then ``payload`` by reference: its pages go into the socket
+        (vmsplice into a pipe, splice on to the socket) instead of being copied.
+
+        The caller must not change ``payload`` until the receiver has acknowledged it: until
+        then the kernel may still read it.  Measured on loopback (1 GiB, chunks read and hashed
+        into reused buffers): 0.25-0.29 s sending them like this, 0.31-0.36 s with send (a
+        copy), 0.41-0.45 s sendfile'ing the same bytes from tmpfs (cold pages, one by one).
+        """
+        self._check_open()
+        await checkpoint()
+        await self._send_all(header, socket.MSG_MORE)
+        if self._pages is None:
+            self._pages = _PagePipe()
+        pages = self._pages
+        out = self._sock.fileno()
+        try:
+            while payload or pages.held:
+                if not pages.held:
+                    payload = payload[pages.fill(payload) :]
+                try:
+                    pages.drain_into(out)
+                except BlockingIOError:
+                    await self._wait(anyio.wait_writable)
+        except OSError as exc:
+            raise anyio.BrokenResourceError(f"send to {self.peer}: {exc.strerror}") from exc
 
     async def receive_into(self, view: memoryview) -> int:
         """Receive at most ``len(view)`` bytes straight into ``view``; 0 means end of stream."""
@@ -214,7 +242,49 @@ class SocketStream(anyio.abc.ByteStream):
             self._closed = True
             anyio.notify_closing(self._sock)
             self._sock.close()
+            if self._pages is not None:
+                self._pages.close()
         await checkpoint()
+
+
+class _PagePipe:
+    """A pipe through which :meth:`SocketStream.send_pages` hands buffer pages to a socket."""
+
+    def __init__(self) -> None:
+        import ctypes  # only here: importing it costs start-up time every run would pay
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._ctypes = ctypes
+        self._vmsplice = libc.vmsplice
+        self._vmsplice.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        self._vmsplice.restype = ctypes.c_ssize_t
+        self._iov = (ctypes.c_size_t * 2)()  # struct iovec: base, length
+        self._r, self._w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        _grow_pipe(self._w)
+        self._capacity = fcntl.fcntl(self._w, fcntl.F_GETPIPE_SZ)
+        self.held = 0  # bytes in the pipe, not yet in the socket
+
+    def fill(self, view: memoryview) -> int:
+        """Put the start of ``view`` into the (empty) pipe; returns how much went in."""
+        ctypes = self._ctypes
+        anchor = ctypes.c_char.from_buffer(view)  # a writable buffer: ours, so its address
+        self._iov[0] = ctypes.addressof(anchor)
+        del anchor
+        self._iov[1] = min(len(view), self._capacity)
+        n = self._vmsplice(self._w, ctypes.addressof(self._iov), 1, 0)
+        if n < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self.held = n
+        return int(n)
+
+    def drain_into(self, out: int) -> None:
+        while self.held:
+            self.held -= os.splice(self._r, out, self.held, flags=os.SPLICE_F_NONBLOCK)
+
+    def close(self) -> None:
+        os.close(self._r)
+        os.close(self._w)
 
 
 #: The most SO_RCVLOWAT asks for; the kernel grows the receive buffer to twice this if needed.
@@ -400,12 +470,25 @@ def _can_sendfile(fd: int) -> bool:
         os.close(w)
 
 
+def _pread_exactly(
+    fd: int, view: memoryview, offset: int, digest: Callable[[memoryview], int] | None
+) -> int:
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise LocalIOError("the input file shrank while it was being sent")
+        got += n
+    return digest(view) if digest is not None else 0
+
+
 class FdSource:
     """Reads the stream to send from a file descriptor (stdin for the CLI).
 
-    A regular file is also offered as regions (:meth:`claim`): the transmitter then sends its
-    chunks straight from the page cache and re-sends a lost chunk by reading it again, so the
-    file's bytes are never copied into our memory at all.
+    A regular file is also offered as regions (:meth:`claim`): without checksums the
+    transmitter then sends its chunks straight from the page cache and re-sends a lost chunk by
+    reading it again, so the file's bytes are never copied into our memory at all.  With
+    checksums the bytes must be read to be hashed: each region is read once (:meth:`pread`).
     """
 
     def __init__(self, fd: int) -> None:
@@ -436,20 +519,22 @@ class FdSource:
             raise LocalIOError(f"reading input failed: {exc.strerror}") from exc
         return offset, length
 
-    async def pread(self, view: memoryview, offset: int) -> None:
-        """Fill ``view`` from ``offset`` of the file: a claimed region, for a stream that cannot
-        take :meth:`SocketStream.send_file` (an in-memory or fault-injecting wrapper)."""
+    async def pread(
+        self, view: memoryview, offset: int, digest: Callable[[memoryview], int] | None = None
+    ) -> int:
+        """Fill ``view`` from ``offset`` of the file: a claimed region, to hash it or for a
+        stream that cannot take :meth:`SocketStream.send_file` (in memory, fault injection).
+
+        With ``digest``, returns ``digest(view)``, computed in the same worker thread as the
+        read: the transmitter's own thread stays free to send, and the bytes are hashed while
+        they are still in the cache (hashing costs as much as the thread handoff it saves).
+        """
         fd = self.file_fd
         assert fd is not None
-        got = 0
-        while got < len(view):
-            try:
-                n = await anyio.to_thread.run_sync(os.preadv, fd, [view[got:]], offset + got)
-            except OSError as exc:
-                raise LocalIOError(f"reading input failed: {exc.strerror}") from exc
-            if n == 0:
-                raise LocalIOError("the input file shrank while it was being sent")
-            got += n
+        try:
+            return await anyio.to_thread.run_sync(_pread_exactly, fd, view, offset, digest)
+        except OSError as exc:
+            raise LocalIOError(f"reading input failed: {exc.strerror}") from exc
 
     async def readinto(self, view: memoryview) -> int:
         fd = self._fd
