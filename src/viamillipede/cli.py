@@ -61,7 +61,7 @@ Words (the original grammar, any order) and their --flag spellings:
                                          twice gets twice the connections
   threads N           --threads N        parallel connections, 1-{MAX_THREADS}
                                          (default {DEFAULT_THREADS})
-  checksum            --checksum         CRC-32 on every chunk, checked before it is
+  checksum            --checksum         XXH3 on every chunk, checked before it is
                                          written (the receiver follows the sender)
   checkphrase XXXX    --checkphrase XXXX 4 characters both ends must agree on
                                          (default "{DEFAULT_CHECKPHRASE}")
