@@ -215,6 +215,9 @@ class Transmitter:
         self._regions: RegionSource | None = None
         if getattr(source, "file_fd", None) is not None:
             self._regions = source  # type: ignore[assignment]  # checked just above
+        # Only a checksummed file's chunks go by reference (send_pages).  From a pipe on stdin
+        # it measured slower than send (1 GiB from cat, t4: 0.75-0.86 s against 0.70-0.75 s).
+        self._by_reference = self._checksum_fn is not None and self._regions is not None
 
         self._pool = BufferPool(DATA_HEADER_SIZE + chunk_size, keep=self._window + threads)
         self._sw: SendWindow[_Chunk] = SendWindow(self._window)
@@ -584,7 +587,7 @@ class Transmitter:
 
     async def _send_buffered(self, stream: anyio.abc.ByteStream, chunk: _Chunk) -> None:
         send_pages = getattr(stream, "send_pages", None)
-        if send_pages is not None and self._checksum_fn is not None:
+        if send_pages is not None and self._by_reference:
             # The payload's pages go to the socket by reference, so the kernel reads them
             # after this returns; the buffer is reused only once the chunk is acknowledged, so
             # a receiver that reads a (stale, duplicate) copy later sees at worst bytes that
