@@ -113,6 +113,7 @@ def run_once(
     if args.settle:
         time.sleep(args.settle)  # freed pages go back to the host: every run starts alike
     children: list[Child] = []
+    feeder: subprocess.Popen[bytes] | None = None
     run = RunStats(rnd)
     try:
         with open(err_rx, "wb") as erx, open(err_tx, "wb") as etx, open(input_path, "rb") as src:
@@ -123,8 +124,14 @@ def run_once(
                 run.error = why
                 return run
             t0 = time.perf_counter()
-            tx = Child(cfg.argv("tx", port), src, subprocess.DEVNULL, etx)
+            stdin: object = src
+            if args.source == "pipe":  # as from `zfs send |`: no sendfile, every byte read
+                feeder = subprocess.Popen(["cat", str(input_path)], stdout=subprocess.PIPE)
+                stdin = feeder.stdout
+            tx = Child(cfg.argv("tx", port), stdin, subprocess.DEVNULL, etx)
             children.append(tx)
+            if feeder is not None and feeder.stdout is not None:
+                feeder.stdout.close()  # the transmitter holds the read end now
             deadline = time.monotonic() + args.timeout
             for child in (tx, rx):
                 child.join(max(0.0, deadline - time.monotonic()))
@@ -154,6 +161,9 @@ def run_once(
     finally:
         for child in children:
             child.kill()
+        if feeder is not None:
+            feeder.kill()
+            feeder.wait()
         sink.close()
         if not run.ok:
             for label, path in (("rx", err_rx), ("tx", err_tx)):
@@ -276,6 +286,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also measure every viamillipede config with `checksum`",
     )
     ap.add_argument(
+        "--source",
+        choices=["file", "pipe"],
+        default="file",
+        help="transmitter input: the input file itself (default: viamillipede then sends "
+        "it with sendfile), or 'pipe': `cat` of it through a pipe, as from `zfs send |` "
+        "(every tool then reads every byte; cat's own CPU time is in every config)",
+    )
+    ap.add_argument(
         "--sink",
         choices=["devnull", "file", "existing"],
         default="devnull",
@@ -371,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = build_configs(args, vm)
     print(
         f"# loopback bench: {human_bytes(args.size)} ({args.size} bytes) per run, "
-        f"{args.rounds} round(s) interleaved, sink={args.sink}, input in {args.dir}, "
-        f"settle {args.settle:g}s"
+        f"{args.rounds} round(s) interleaved, source={args.source}, sink={args.sink}, "
+        f"input in {args.dir}, settle {args.settle:g}s"
     )
     print(
         f"# {platform.node()} {platform.system()} {platform.release()}, "
