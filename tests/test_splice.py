@@ -3,6 +3,7 @@ bookkeeping when such a splice is cut short: no byte lost, none written twice.""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import pytest
 
 from viamillipede import BytesSource, Receiver
 from viamillipede.api import serve_tcp, tcp_transmitter
-from viamillipede.transport import FdSink, SocketStream
+from viamillipede.transport import FdSink, SocketStream, _PagePipe
 
 pytestmark = pytest.mark.anyio
 
@@ -143,10 +144,20 @@ def test_devices_and_appending_files_are_not_spliced(tmp_path: Path) -> None:
             os.close(fd)
 
 
-async def test_send_pages_hands_a_buffer_larger_than_its_pipe_to_a_slow_reader() -> None:
+@pytest.mark.parametrize("vmsplice", ["works", "forbidden"])
+async def test_send_pages_hands_a_buffer_larger_than_its_pipe_to_a_slow_reader(
+    monkeypatch: pytest.MonkeyPatch, vmsplice: str
+) -> None:
     """``send_pages`` goes through a pipe of at most 1 MiB and a socket that fills up: the
     payload is cut into pipe-sized pieces and the socket waited for, and every byte arrives
-    in order after its header."""
+    in order after its header.  Where vmsplice is forbidden (seccomp), the bytes are copied
+    instead, from then on."""
+    monkeypatch.setattr(_PagePipe, "unavailable", False)
+    if vmsplice == "forbidden":
+        def refuse(self: _PagePipe, view: memoryview) -> int:
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(_PagePipe, "fill", refuse)
     payload = bytearray(os.urandom(3 * 1024 * 1024 + 77))
     header = b"HDR:"
     with socket.create_server(("127.0.0.1", 0)) as server:
@@ -171,3 +182,5 @@ async def test_send_pages_hands_a_buffer_larger_than_its_pipe_to_a_slow_reader()
     await tx.aclose()
     await rx.aclose()
     assert received == header + payload + payload
+    assert _PagePipe.unavailable == (vmsplice == "forbidden")
+    assert (tx._open_pages() is None) == (vmsplice == "forbidden")
