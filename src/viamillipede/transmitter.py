@@ -210,8 +210,8 @@ class Transmitter:
         self._features = algorithm
         self._checksum_fn = checksums.ALGORITHMS[algorithm][1] if algorithm else None
         # A regular file is sent from the page cache.  With checksums each region is read
-        # once to hash it, and read again before it is re-sent: a file that changed under us
-        # is an error, not a chunk that fails its checksum for ever.
+        # once, into a buffer kept until the chunk is acknowledged: hashed and re-sent from
+        # that one copy, so what arrives is what was hashed even if the file changes.
         self._regions: RegionSource | None = None
         if getattr(source, "file_fd", None) is not None:
             self._regions = source  # type: ignore[assignment]  # checked just above

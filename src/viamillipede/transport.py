@@ -553,8 +553,8 @@ class FdSource:
         stream that cannot take :meth:`SocketStream.send_file` (in memory, fault injection).
 
         With ``digest``, returns ``digest(view)``, computed in the same worker thread as the
-        read: the transmitter's own thread stays free to send, and the bytes are hashed while
-        they are still in the cache (hashing costs as much as the thread handoff it saves).
+        read (XXH3 releases the GIL): the event loop stays free to send, and the bytes are
+        hashed while they are still in the cache.
         """
         fd = self.file_fd
         assert fd is not None
