@@ -437,9 +437,12 @@ def _spread(delay: float) -> list[float]:
 
 
 def test_a_fast_path_is_filled_one_connection_at_a_time() -> None:
-    """Chunks acknowledged at once: the first connection takes them while it keeps up."""
+    """Chunks acknowledged at once: the first connection takes them while it keeps up.  The
+    others carry only what went out before the first ACK measured the path (2 chunks each);
+    the first connection, woken for a chunk, is also the one a second chunk waits for (when
+    that second chunk woke another connection, the first carried 78-94%)."""
     shares = _spread(0.0)
-    assert shares[0] > 0.6, shares
+    assert shares[0] > 0.95, shares
 
 
 def test_a_slow_path_keeps_every_connection_to_its_share() -> None:
