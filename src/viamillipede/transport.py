@@ -135,10 +135,7 @@ class SocketStream(anyio.abc.ByteStream):
         pages = self._open_pages()
         out = self._sock.fileno()
         try:
-            while payload or (pages is not None and pages.held):
-                if pages is None:
-                    await self._send_all(payload, 0)
-                    return
+            while pages is not None and (payload or pages.held):
                 if not pages.held:
                     try:
                         payload = payload[pages.fill(payload) :]
@@ -146,14 +143,15 @@ class SocketStream(anyio.abc.ByteStream):
                         if exc.errno not in _NO_VMSPLICE:
                             raise
                         _PagePipe.unavailable = True
-                        pages = None
-                        continue
+                        break  # the pipe is empty: the rest goes by copy, below
                 try:
                     pages.drain_into(out)
                 except BlockingIOError:
                     await self._wait(anyio.wait_writable)
         except OSError as exc:
             raise anyio.BrokenResourceError(f"send to {self.peer}: {exc.strerror}") from exc
+        if payload:
+            await self._send_all(payload, 0)
 
     def _open_pages(self) -> _PagePipe | None:
         """This stream's pipe for send_pages (made on first use), or None: copy instead."""
