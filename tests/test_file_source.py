@@ -117,7 +117,10 @@ async def test_with_checksums_a_file_is_read_once_and_sent_by_reference(
     assert log.count("broke") == 2
     assert stats.retransmits >= 1
     assert sorted(reads) == list(range(0, len(data), CHUNK)), "each region read exactly once"
-    assert log.count("pages") >= len(reads) + stats.retransmits - log.count("broke")
+    # Every region went out whole at least once by reference, the two that broke mid-send
+    # included; not "reads + retransmits": a chunk re-queued with its connection may be
+    # released by a later cumulative ACK (the receiver had it) before it is sent again.
+    assert log.count("pages") >= len(reads)
 
 
 async def test_a_file_over_streams_without_sendfile_is_read_into_buffers(
