@@ -491,6 +491,8 @@ class Config:
     rx: list[str]
     tx: list[str]
     runs: list[Any] = field(default_factory=list)
+    #: A third process for the run, if any (loopback.py --floor).
+    companion: list[str] | None = None
 
     def argv(self, which: str, port: int) -> list[str]:
         return [a.format(port=port) for a in (self.rx if which == "rx" else self.tx)]

@@ -4,7 +4,8 @@
 Every round runs every configuration once (interleaved), so slow drift of the machine hits all
 configurations alike; the table reports medians over rounds.  See bench/README.md.
 
-Standard library only, so it runs with any python3 >= 3.11, in or out of the project's venv.
+Standard library only (but --floor, which runs a companion that needs xxhash), so it runs with
+any python3 >= 3.11, in or out of the project's venv.
 """
 
 from __future__ import annotations
@@ -43,6 +44,27 @@ from _common import (
 
 BLOCK = 16 * MiB  # input generation block
 
+#: --floor's companion: once the receiver starts working (the transfer has begun), read the
+#: input file once and XXH3 every byte, as a checksumming transmitter must at the least; the
+#: rest of the transfer stays as it is, so its cost is a floor for what checksums cost from a
+#: file.  It learns the receiver's pid on stdin and polls that process's CPU time.
+READER = r"""
+import os, sys, time, xxhash
+pid = int(sys.stdin.readline())
+def cpu_ns():
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0])
+start = cpu_ns()
+while cpu_ns() - start < 3_000_000:  # the receiver has used 3 ms: data is flowing
+    time.sleep(0.0005)
+fd = os.open(sys.argv[1], os.O_RDONLY)
+view = memoryview(bytearray(2 << 20))
+offset = 0
+while n := os.preadv(fd, [view], offset):
+    xxhash.xxh3_64_intdigest(view[:n])
+    offset += n
+"""
+
 
 # --------------------------------------------------------------------------- configs
 
@@ -75,6 +97,15 @@ def build_configs(args: argparse.Namespace, vm: list[str] | None) -> list[Config
                             [*vm, "tx", "127.0.0.1", "{port}", *tx_extra],
                         )
                     )
+                    if args.floor and not checksum:
+                        configs.append(
+                            Config(
+                                name + " + reader",
+                                configs[-1].rx,
+                                configs[-1].tx,
+                                companion=[sys.executable, "-c", READER],
+                            )
+                        )
     if args.c_original:
         c = args.c_original
         configs.append(
@@ -114,6 +145,7 @@ def run_once(
         time.sleep(args.settle)  # freed pages go back to the host: every run starts alike
     children: list[Child] = []
     feeder: subprocess.Popen[bytes] | None = None
+    companion: Child | None = None
     run = RunStats(rnd)
     try:
         with open(err_rx, "wb") as erx, open(err_tx, "wb") as etx, open(input_path, "rb") as src:
@@ -123,7 +155,16 @@ def run_once(
             if why:
                 run.error = why
                 return run
+            if cfg.companion is not None:  # started (python and all) before the clock
+                companion = Child([*cfg.companion, str(input_path)], subprocess.PIPE)
+                children.append(companion)
+                time.sleep(0.5)
             t0 = time.perf_counter()
+            if companion is not None:
+                stdin_of = companion.proc.stdin
+                assert stdin_of is not None
+                stdin_of.write(f"{rx.pid}\n".encode())
+                stdin_of.close()
             stdin: object = src
             if args.source == "pipe":  # as from `zfs send |`: no sendfile, every byte read
                 feeder = subprocess.Popen(["cat", str(input_path)], stdout=subprocess.PIPE)
@@ -133,13 +174,16 @@ def run_once(
             if feeder is not None and feeder.stdout is not None:
                 feeder.stdout.close()  # the transmitter holds the read end now
             deadline = time.monotonic() + args.timeout
-            for child in (tx, rx):
+            for child in children:
                 child.join(max(0.0, deadline - time.monotonic()))
-            if rx.running() or tx.running():
+            if any(child.running() for child in children):
                 run.error = f"timeout after {args.timeout:.0f}s"
                 return run
         assert tx.exited_at is not None and rx.exited_at is not None
-        run.seconds = max(tx.exited_at, rx.exited_at) - t0
+        run.seconds = max(c.exited_at or 0.0 for c in children) - t0
+        if companion is not None and companion.code != 0:
+            run.error = f"the reader exited with {companion.code}"
+            return run
         run.mbps = size / run.seconds / 1e6
         run.rss_tx_mib = tx.peak_rss_kib / 1024
         run.rss_rx_mib = rx.peak_rss_kib / 1024
@@ -236,6 +280,21 @@ def report(configs: list[Config], verbose: bool, out: TextIO = sys.stdout) -> No
             f" {median([r.rss_rx_mib for r in ok]):>10.1f} {n:>5}",
             file=out,
         )
+    costs = []
+    by_name = {c.name: c for c in configs}
+    for cfg in configs:
+        for suffix, what in ((" + reader", "reading + hashing the input once"),
+                             (" checksum", "checksum")):
+            plain = by_name.get(cfg.name.removesuffix(suffix))
+            if not cfg.name.endswith(suffix) or plain is None:
+                continue
+            ok, ok_plain = [r.mbps for r in cfg.runs if r.ok], [r.mbps for r in plain.runs if r.ok]
+            if ok and ok_plain:
+                costs.append(f"  {plain.name}: {what} costs "
+                             f"{100 * (1 - median(ok) / median(ok_plain)):.0f}% of throughput")
+    if costs:
+        print("\ncost against the same config without it (medians):", file=out)
+        print("\n".join(costs), file=out)
     if verbose:
         print("\nper round (MB/s, RSS tx/rx MiB):", file=out)
         for cfg in configs:
@@ -284,6 +343,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--checksum",
         action="store_true",
         help="also measure every viamillipede config with `checksum`",
+    )
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run every plain viamillipede config '+ reader': alongside the transfer, a "
+        "process reads the input file once and XXH3-hashes it, the least a checksumming "
+        "transmitter must add; what that costs is a floor for what checksums can cost from a "
+        "file.  Needs xxhash in this python (run with the project's venv)",
     )
     ap.add_argument(
         "--source",
@@ -363,6 +430,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.timeout = 60 + args.size / 5e6
     if args.settle is None:
         args.settle = 3.0 if args.sink == "file" else 0.0
+    if args.floor:
+        if args.source != "file":
+            ap.error("--floor measures file input: from a pipe every config reads every byte")
+        if subprocess.run([sys.executable, "-c", "import xxhash"],
+                          stderr=subprocess.DEVNULL).returncode != 0:
+            ap.error(f"--floor needs xxhash in {sys.executable} (use the project's venv)")
     return args
 
 
