@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from viamillipede import BufferSink, BytesSource, Receiver, Transmitter, receive, send
+from viamillipede import BufferSink, BytesSource, Receiver, Transmitter, receive, send, transmitter
 from viamillipede.errors import LocalIOError, PeerRejected, PeerTimeout, RemoteFailure
 from viamillipede.testing import MemoryNetwork, PassThrough
 
@@ -415,8 +415,8 @@ class SlowAcks(Counting):
         return data
 
 
-def _spread(delay: float) -> list[float]:
-    """Share of the payload bytes each of 4 connections carried (Trio, mock clock)."""
+def _spread(delay: float, threads: int = 4) -> list[float]:
+    """Share of the payload bytes each connection carried (Trio, mock clock)."""
     tally: dict[int, int] = {}
     net = MemoryNetwork()
     net.wrap = lambda i, s: SlowAcks(s, tally, i, delay)
@@ -424,7 +424,7 @@ def _spread(delay: float) -> list[float]:
 
     async def main() -> None:
         sink = BufferSink()
-        tx = Transmitter(BytesSource(data), net.connect, threads=4, chunk_size=CHUNK)
+        tx = Transmitter(BytesSource(data), net.connect, threads=threads, chunk_size=CHUNK)
         async with anyio.create_task_group() as tg:
             tg.start_soon(Receiver(sink).serve, net)
             await tx.run()
@@ -433,7 +433,7 @@ def _spread(delay: float) -> list[float]:
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     total = sum(tally.values())
-    return [tally.get(i, 0) / total for i in range(4)]
+    return [tally.get(i, 0) / total for i in range(threads)]
 
 
 def test_a_fast_path_is_filled_one_connection_at_a_time() -> None:
@@ -443,6 +443,23 @@ def test_a_fast_path_is_filled_one_connection_at_a_time() -> None:
     that second chunk woke another connection, the first carried 78-94%)."""
     shares = _spread(0.0)
     assert shares[0] > 0.95, shares
+
+
+@pytest.mark.parametrize("window_mib", [16, 64])
+def test_a_larger_window_may_take_longer_to_drain_on_a_fast_path(
+    window_mib: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fill threshold grows with the window's bytes: 16 connections' window is 64 MiB,
+    which takes ~20 ms to drain even on loopback (spread over every connection: 1.01x nc
+    there; filled: 1.21x).  Here those 32 chunks count as 16 or 64 MiB, and ACKs come 12 ms
+    late: over the 10 ms threshold of a 16 MiB window (every connection gets its 1/16, the
+    first 7-8% over 25 runs), under the 40 ms of a 64 MiB one (the first took 38-55%)."""
+    monkeypatch.setattr(transmitter, "FILL_WINDOW_BYTES", 32 * CHUNK * 16 // window_mib)
+    shares = _spread(0.012, threads=16)
+    if window_mib == 64:
+        assert shares[0] > 0.3, shares
+    else:
+        assert shares[0] < 0.15, shares
 
 
 def test_a_slow_path_keeps_every_connection_to_its_share() -> None:

@@ -10,8 +10,9 @@ Which connection sends a chunk follows the target preference order: an idle conn
 earlier target is always woken first, and a connection counts as busy while it has its share
 of the window in flight.  So a slow source uses the first link only, and a fast one spills
 over to the next links.  On a path so fast that chunks are acknowledged within
-``FILL_BELOW_RTT``, a connection's share is the whole window: it takes chunks for as long as it
-keeps up, and the others get only what it cannot take.  This dispatch is why chunks are not
+``FILL_BELOW_RTT`` (longer for a window of more than ``FILL_WINDOW_BYTES``), a connection's
+share is the whole window: it takes chunks for as long as it keeps up, and the others get only
+what it cannot take.  This dispatch is why chunks are not
 handed out through a plain memory channel: a channel serves whichever receiver waited longest,
 and cannot put re-sent chunks ahead of fresh ones.
 
@@ -167,6 +168,11 @@ FLUSH_AFTER = 0.2
 #: counted as running, see _wake_for_chunk); a path whose flows are limited
 #: (a chunk takes 100 ms at 20 MB/s) keeps every connection to its share of the window.
 FILL_BELOW_RTT = 0.010
+#: ...per this many bytes of window: a larger window (more threads, bigger chunks) takes
+#: longer to drain even on loopback, where the ACK of a chunk waits for those ahead of it
+#: (threads 16: 64 MiB, about 20 ms).  A flow-limited path stays well above it: a 2 MiB
+#: chunk alone takes 100 ms at 20 MB/s.
+FILL_WINDOW_BYTES = 16 << 20
 
 #: First and longest pause between attempts to (re)connect one connection.
 BACKOFF_START = 0.1
@@ -203,6 +209,7 @@ class Transmitter:
         self._chunk_size = chunk_size
         self._window = window if window is not None else default_window(threads)
         self._per_conn = max(2, self._window // threads)
+        self._fill_below = FILL_BELOW_RTT * max(1.0, self._window * chunk_size / FILL_WINDOW_BYTES)
         self._checkphrase_text = checkphrase
         self._checkphrase = encode_checkphrase(checkphrase)
         self._timeout = idle_timeout
@@ -339,7 +346,7 @@ class Transmitter:
 
     def _filling(self) -> bool:
         srtt = self._sw.srtt
-        return srtt is not None and srtt < FILL_BELOW_RTT
+        return srtt is not None and srtt < self._fill_below
 
     def _wake_for_chunk(self) -> None:
         """Wake an idle connection for a new chunk, unless (on a fast path) a running one of
