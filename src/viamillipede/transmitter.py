@@ -12,9 +12,9 @@ of the window in flight.  So a slow source uses the first link only, and a fast 
 over to the next links.  On a path so fast that chunks are acknowledged within
 ``FILL_BELOW_RTT`` (longer for a window of more than ``FILL_WINDOW_BYTES``), a connection's
 share is the whole window: it takes chunks for as long as it keeps up, and the others get only
-what it cannot take.  This dispatch is why chunks are not
-handed out through a plain memory channel: a channel serves whichever receiver waited longest,
-and cannot put re-sent chunks ahead of fresh ones.
+what it cannot take.  This dispatch is why chunks are not handed out through a plain memory
+channel: a channel serves whichever receiver waited longest, and cannot put re-sent chunks
+ahead of fresh ones.
 
 A connection that breaks, or holds chunks without any acknowledgement for longer than the
 adaptive stall timeout, is abandoned: its chunks go back to the front of the queue, and it
