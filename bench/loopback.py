@@ -47,9 +47,11 @@ BLOCK = 16 * MiB  # input generation block
 #: --floor's companion: once the receiver starts working (the transfer has begun), read the
 #: input file once and XXH3 every byte, as a checksumming transmitter must at the least; the
 #: rest of the transfer stays as it is, so its cost is a floor for what checksums cost from a
-#: file.  It learns the receiver's pid on stdin and polls that process's CPU time.
+#: file.  It says "ready" once imported, learns the receiver's pid on stdin and polls that
+#: process's CPU time.
 READER = r"""
 import os, sys, time, xxhash
+print("ready", flush=True)
 pid = int(sys.stdin.readline())
 def cpu_ns():
     with open(f"/proc/{pid}/schedstat") as f:
@@ -156,9 +158,13 @@ def run_once(
                 run.error = why
                 return run
             if cfg.companion is not None:  # started (python and all) before the clock
-                companion = Child([*cfg.companion, str(input_path)], subprocess.PIPE)
+                companion = Child([*cfg.companion, str(input_path)], subprocess.PIPE,
+                                  subprocess.PIPE)
                 children.append(companion)
-                time.sleep(0.5)
+                assert companion.proc.stdout is not None
+                if companion.proc.stdout.readline() != b"ready\n":
+                    run.error = "the reader did not start"
+                    return run
             t0 = time.perf_counter()
             if companion is not None:
                 stdin_of = companion.proc.stdin
