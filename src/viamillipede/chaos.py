@@ -9,11 +9,14 @@ operations of the same connections in the same way.
 
 Where an operation is: the session *side* (``"tx"`` or ``"rx"``), the connection index *conn*,
 its reconnect *generation* (0 for the first stream of a connection index, then 1, 2, ...), the
-*direction* (``"send"`` or ``"recv"``; ``receive`` and ``receive_into`` are both ``"recv"``),
-and the operation number *op* within that direction of that stream, counted from 0.  Sends and
-receives are numbered separately because a session reads and writes one stream from two tasks:
-their interleaving depends on the scheduler (Trio even randomises it), each direction's own
-sequence does not.  ``send_eof`` and ``aclose`` are never counted nor faulted.
+*direction* (``"send"`` or ``"recv"``), and the operation number *op* within that direction of
+that stream, counted from 0.  ``send``, ``send_file`` and ``send_pages`` are sends;
+``receive``, ``receive_into``, ``receive_exactly_into`` and ``splice_to`` are receives: the
+zero-copy methods of :mod:`viamillipede.streams` are forwarded when the inner stream has them,
+and each call is one operation like any other.  Sends and receives are numbered separately
+because a session reads and writes one stream from two tasks: their interleaving depends on the
+scheduler (Trio even randomises it), each direction's own sequence does not.  ``send_eof`` and
+``aclose`` are never counted nor faulted.
 
 Fault kinds, and why each exists:
 
@@ -23,13 +26,17 @@ Fault kinds, and why each exists:
   times out); the peer sees nothing.  Opt-in, because only a caller with a per-connection
   liveness timeout can get past it.
 * ``delay`` -- latency: the operation waits a seeded 1-200 ms, then proceeds unchanged.
-* ``short`` -- fragmentation: a send reaches the inner stream as 2-4 smaller sends; a receive
-  asks the inner stream for fewer bytes than its caller did.
+* ``short`` -- fragmentation: a send reaches the inner stream as 2-4 smaller sends (of the same
+  kind: a ``send_file`` as several ``send_file`` calls); a receive asks the inner stream for
+  fewer bytes than its caller did.  Where the caller was promised every byte it asked for
+  (``receive_exactly_into``, ``splice_to``), the rest follows in a second inner call.
 * ``corrupt`` -- a single flipped bit in a send, to prove a checksum catches it.  Opt-in,
   because without a checksum it silently damages the stream.  It never touches the first
   ``corrupt_skip`` (64) bytes of a send: that is where a framed protocol keeps its header, and
   a flipped header tests the decoder, not the checksum.  By default it only hits the ``tx``
-  side, whose payloads are the checksummed ones.
+  side, whose payloads are the checksummed ones.  Bytes that ``send_file`` or ``send_pages``
+  would hand to the kernel by reference cannot be damaged on their way, so a corrupted one is
+  sent as a damaged copy through plain ``send``: the peer sees what a flipped bit would give.
 
 How often: ``rate`` is the chance that one operation gets a fault at all; the fault's kind is
 then drawn among the enabled kinds that apply to that operation, in proportion to
@@ -50,6 +57,7 @@ Usage::
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import itertools
 import logging
@@ -57,13 +65,21 @@ import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar, cast
 
 import anyio
 import anyio.abc
 from anyio.lowlevel import checkpoint
 
-from .transport import ReceiveInto
+from .streams import (
+    ReceiveExactlyInto,
+    ReceiveInto,
+    SendFile,
+    SendPages,
+    SpliceSink,
+    SpliceTo,
+)
+from .transport import read_at
 
 __all__ = [
     "DEFAULT_KINDS",
@@ -345,9 +361,15 @@ class ChaosScheduler:
 class ChaosStream(anyio.abc.ByteStream):
     """A byte stream that injects the scheduler's faults into another one.
 
-    If the inner stream offers ``receive_into``, so does the wrapper (constructing a
-    ``ChaosStream`` then yields an instance of a subclass that has it): the session picks its
-    receive path by looking for that method, and chaos must exercise the path production uses.
+    The wrapper has each capability of :mod:`viamillipede.streams` that the inner stream has
+    (constructing a ``ChaosStream`` then yields an instance of a subclass with those methods):
+    sessions choose their paths by capability, and chaos must exercise the paths production
+    takes -- receiving into buffers, sending from files and by reference, splicing -- rather
+    than the plain ``send``/``receive`` fallbacks.  Each such call is one operation, numbered
+    and faulted like a ``send`` (``send_file``, ``send_pages``) or a receive
+    (``receive_into``, ``receive_exactly_into``, ``splice_to``).  The wrapper is never a
+    :class:`~viamillipede.streams.SpliceSource`: a sink splicing from the descriptor directly
+    would bypass it.
 
     A reset or ``aclose`` wakes every other operation blocked in this wrapper (a stall, or a
     receive the peer will never answer), as closing a real socket wakes its waiters.
@@ -363,8 +385,10 @@ class ChaosStream(anyio.abc.ByteStream):
         log: FaultLog | None = None,
     ) -> ChaosStream:
         chosen: type[ChaosStream] = cls
-        if cls is ChaosStream and isinstance(inner, ReceiveInto):
-            chosen = _ChaosStreamInto
+        if cls is ChaosStream:
+            chosen = _variant(
+                tuple(ops for capability, ops in _FORWARDED if isinstance(inner, capability))
+            )
         return super().__new__(chosen)
 
     def __init__(
@@ -402,56 +426,32 @@ class ChaosStream(anyio.abc.ByteStream):
     # -- the operations ------------------------------------------------------------------
 
     async def send(self, item: bytes | bytearray | memoryview) -> None:
-        self._check_usable()
-        if self._eof_sent:
-            raise anyio.ClosedResourceError
-        fault, op = self._next("send")
+        fault, op = self._next_send()
         inner = self.inner
         if fault is None:
             await self._guarded(lambda: inner.send(item))  # type: ignore[arg-type]
             return
         view = memoryview(item).cast("B")
-        size = len(view)
-        if fault.kind is FaultKind.SHORT and size >= 2:
-            pieces = _cuts(size, fault.u)
-            self._record("send", op, fault.kind, "+".join(str(n) for n in pieces))
-            await self._guarded(lambda: _send_pieces(inner, view, pieces))
-            return
-        if fault.kind is FaultKind.CORRUPT and size > self.scheduler.corrupt_skip:
-            skip = self.scheduler.corrupt_skip
-            offset = skip + min(int(fault.u[0] * (size - skip)), size - skip - 1)
-            bit = min(int(fault.u[1] * 8), 7)
-            # A copy: the caller may send the very same buffer again on another connection.
-            damaged = bytearray(view)
-            damaged[offset] ^= 1 << bit
-            self._record("send", op, fault.kind, f"byte {offset} of {size} bit {bit}")
-            await self._guarded(lambda: inner.send(bytes(damaged)))
-            return
-        await self._common(fault, "send", op, lambda: inner.send(item))  # type: ignore[arg-type]
+
+        async def copy() -> bytearray:
+            return bytearray(view)
+
+        await self._faulty_send(
+            fault,
+            op,
+            len(view),
+            whole=lambda: inner.send(item),  # type: ignore[arg-type]
+            in_pieces=lambda pieces: _send_pieces(inner, view, pieces),
+            copy=copy,
+        )
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
-        self._check_usable()
-        fault, op = self._next("recv")
         inner = self.inner
-        if fault is None:
-            return await self._guarded(lambda: inner.receive(max_bytes))
-        if fault.kind is FaultKind.SHORT and max_bytes >= 2:
-            limit = _limit(max_bytes, fault.u)
-            self._record("recv", op, fault.kind, f"{limit}/{max_bytes}")
-            return await self._guarded(lambda: inner.receive(limit))
-        return await self._common(fault, "recv", op, lambda: inner.receive(max_bytes))
-
-    async def _receive_into(self, into: ReceiveInto, view: memoryview) -> int:
-        self._check_usable()
-        fault, op = self._next("recv")
-        if fault is None:
-            return await self._guarded(lambda: into.receive_into(view))
-        size = len(view)
-        if fault.kind is FaultKind.SHORT and size >= 2:
-            limit = _limit(size, fault.u)
-            self._record("recv", op, fault.kind, f"{limit}/{size}")
-            return await self._guarded(lambda: into.receive_into(view[:limit]))
-        return await self._common(fault, "recv", op, lambda: into.receive_into(view))
+        return await self._faulty_receive(
+            max_bytes,
+            whole=lambda: inner.receive(max_bytes),
+            fewer=lambda limit: inner.receive(limit),
+        )
 
     async def send_eof(self) -> None:
         self._check_usable()
@@ -482,10 +482,76 @@ class ChaosStream(anyio.abc.ByteStream):
         fault = self.scheduler.decide(self.side, self.conn, self.generation, direction, op)
         return fault, op
 
+    def _next_send(self) -> tuple[Fault | None, int]:
+        """Check that sending is allowed, then number and decide the send."""
+        self._check_usable()
+        if self._eof_sent:
+            raise anyio.ClosedResourceError
+        return self._next("send")
+
     def _record(self, direction: Direction, op: int, kind: FaultKind, detail: str = "") -> None:
         self.log.record(
             FaultRecord(self.side, self.conn, self.generation, direction, op, kind, detail)
         )
+
+    async def _faulty_send(
+        self,
+        fault: Fault,
+        op: int,
+        size: int,
+        *,
+        whole: Callable[[], Awaitable[None]],
+        in_pieces: Callable[[list[int]], Awaitable[None]],
+        copy: Callable[[], Awaitable[bytearray]],
+    ) -> None:
+        """Apply ``fault`` to a send of ``size`` bytes, whichever method sends them.
+
+        ``whole`` sends unchanged, ``in_pieces`` sends the same bytes as the given pieces, and
+        ``copy`` returns the bytes themselves, to be damaged and sent with a plain ``send``.
+        """
+        if fault.kind is FaultKind.SHORT and size >= 2:
+            pieces = _cuts(size, fault.u)
+            self._record("send", op, fault.kind, "+".join(str(n) for n in pieces))
+            await self._guarded(lambda: in_pieces(pieces))
+            return
+        if fault.kind is FaultKind.CORRUPT and size > self.scheduler.corrupt_skip:
+            skip = self.scheduler.corrupt_skip
+            offset = skip + min(int(fault.u[0] * (size - skip)), size - skip - 1)
+            bit = min(int(fault.u[1] * 8), 7)
+            self._record("send", op, fault.kind, f"byte {offset} of {size} bit {bit}")
+            inner = self.inner
+
+            async def send_damaged() -> None:
+                # A copy: the caller may send the very same buffer again on another connection.
+                damaged = await copy()
+                damaged[offset] ^= 1 << bit
+                await inner.send(bytes(damaged))
+
+            await self._guarded(send_damaged)
+            return
+        await self._common(fault, "send", op, whole)
+
+    async def _faulty_receive(
+        self,
+        size: int,
+        *,
+        whole: Callable[[], Awaitable[_T]],
+        fewer: Callable[[int], Awaitable[_T]],
+    ) -> _T:
+        """Number, decide and apply the fault of a receive of up to ``size`` bytes.
+
+        ``whole`` receives as asked; ``fewer(limit)`` asks the inner stream for only ``limit``
+        bytes at first (and for the rest after, if the caller was promised all of them).
+        """
+        self._check_usable()
+        fault, op = self._next("recv")
+        if fault is None:
+            return await self._guarded(whole)
+        if fault.kind is FaultKind.SHORT and size >= 2:
+            limit = _limit(size, fault.u)
+            self._record("recv", op, fault.kind, f"{limit}/{size}")
+            return await self._guarded(lambda: fewer(limit))
+        return await self._common(fault, "recv", op, whole)
 
     async def _common(
         self, fault: Fault, direction: Direction, op: int, call: Callable[[], Awaitable[_T]]
@@ -536,13 +602,166 @@ class ChaosStream(anyio.abc.ByteStream):
             await anyio.aclose_forcefully(self.inner)
 
 
-class _ChaosStreamInto(ChaosStream):
-    """The variant for inner streams that receive straight into a caller's buffer."""
+# -- the capabilities a wrapper forwards -----------------------------------------------------
+#
+# One subclass per capability; ChaosStream.__new__ combines those the inner stream has.  Each
+# is chosen only when ``isinstance(inner, <capability>)`` held, which is what the casts rely on.
 
+
+class _ChaosStreamInto(ChaosStream):
     async def receive_into(self, view: memoryview) -> int:
         """Receive into ``view``; 0 means end of stream.  Faults may return fewer bytes."""
-        assert isinstance(self.inner, ReceiveInto)
-        return await self._receive_into(self.inner, view)
+        inner = cast(ReceiveInto, self.inner)
+        return await self._faulty_receive(
+            len(view),
+            whole=lambda: inner.receive_into(view),
+            fewer=lambda limit: inner.receive_into(view[:limit]),
+        )
+
+
+class _ChaosStreamExactlyInto(ChaosStream):
+    async def receive_exactly_into(self, view: memoryview) -> int:
+        """Fill ``view`` as promised; a ``short`` fault splits it into two inner calls."""
+        inner = cast(ReceiveExactlyInto, self.inner)
+
+        async def in_two(limit: int) -> int:
+            got = await inner.receive_exactly_into(view[:limit])
+            if got < limit:  # the stream ended
+                return got
+            return got + await inner.receive_exactly_into(view[limit:])
+
+        return await self._faulty_receive(
+            len(view), whole=lambda: inner.receive_exactly_into(view), fewer=in_two
+        )
+
+
+class _ChaosStreamSpliceTo(ChaosStream):
+    async def splice_to(
+        self, sink: SpliceSink, count: int, moved: Callable[[int], None]
+    ) -> None:
+        """Splice as asked; a ``short`` fault splits it into two inner splices.
+
+        The bytes go from socket to sink inside the kernel, so there is nothing to corrupt
+        here (corruption is a send-side fault anyway).
+        """
+        inner = cast(SpliceTo, self.inner)
+
+        async def in_two(limit: int) -> None:
+            await inner.splice_to(sink, limit, moved)
+            await inner.splice_to(sink, count - limit, moved)
+
+        await self._faulty_receive(
+            count, whole=lambda: inner.splice_to(sink, count, moved), fewer=in_two
+        )
+
+
+class _ChaosStreamSendFile(ChaosStream):
+    async def send_file(self, header: memoryview, fd: int, offset: int, count: int) -> None:
+        """Send ``header`` and a file region as one operation.
+
+        ``short`` splits the frame with the cuts a ``send`` of the same size would get, and
+        sends each piece with ``send_file`` (or ``send`` for a piece of header alone).  The
+        kernel moves sendfile's bytes without our seeing them, so ``corrupt`` cannot damage
+        them in flight: it reads the region instead and sends the damaged frame with a plain
+        ``send``, which is what the peer would receive from a flipped bit on the way.
+        """
+        fault, op = self._next_send()
+        inner = cast(SendFile, self.inner)
+        if fault is None:
+            await self._guarded(lambda: inner.send_file(header, fd, offset, count))
+            return
+        plain = self.inner
+        head = len(header)
+
+        async def in_pieces(pieces: list[int]) -> None:
+            start = 0
+            for n in pieces:
+                end = start + n
+                part = header[min(start, head) : min(end, head)]
+                first, last = max(start, head) - head, max(end, head) - head
+                if first == last:
+                    await plain.send(part)  # type: ignore[arg-type]
+                else:
+                    await inner.send_file(part, fd, offset + first, last - first)
+                start = end
+
+        async def copy() -> bytearray:
+            frame = bytearray(head + count)
+            frame[:head] = header
+            await read_at(fd, memoryview(frame)[head:], offset)
+            return frame
+
+        await self._faulty_send(
+            fault,
+            op,
+            head + count,
+            whole=lambda: inner.send_file(header, fd, offset, count),
+            in_pieces=in_pieces,
+            copy=copy,
+        )
+
+
+class _ChaosStreamSendPages(ChaosStream):
+    async def send_pages(self, header: memoryview, payload: memoryview) -> None:
+        """Send ``header`` and ``payload`` (by reference) as one operation.
+
+        ``short`` splits the frame with the cuts a ``send`` of the same size would get, and
+        sends each piece with ``send_pages`` (or ``send`` for a piece of header alone).
+        ``corrupt`` must not touch the caller's pages (the caller may send them again), so it
+        sends a damaged copy with a plain ``send``.
+        """
+        fault, op = self._next_send()
+        inner = cast(SendPages, self.inner)
+        if fault is None:
+            await self._guarded(lambda: inner.send_pages(header, payload))
+            return
+        plain = self.inner
+        head = len(header)
+
+        async def in_pieces(pieces: list[int]) -> None:
+            start = 0
+            for n in pieces:
+                end = start + n
+                part = header[min(start, head) : min(end, head)]
+                first, last = max(start, head) - head, max(end, head) - head
+                if first == last:
+                    await plain.send(part)  # type: ignore[arg-type]
+                else:
+                    await inner.send_pages(part, payload[first:last])
+                start = end
+
+        async def copy() -> bytearray:
+            return bytearray(header) + payload
+
+        await self._faulty_send(
+            fault,
+            op,
+            head + len(payload),
+            whole=lambda: inner.send_pages(header, payload),
+            in_pieces=in_pieces,
+            copy=copy,
+        )
+
+
+#: Which subclass forwards which capability, in a fixed order (the combined class's MRO).
+_FORWARDED: Final[tuple[tuple[type, type[ChaosStream]], ...]] = (
+    (ReceiveInto, _ChaosStreamInto),
+    (ReceiveExactlyInto, _ChaosStreamExactlyInto),
+    (SpliceTo, _ChaosStreamSpliceTo),
+    (SendFile, _ChaosStreamSendFile),
+    (SendPages, _ChaosStreamSendPages),
+)
+
+
+@functools.cache
+def _variant(parts: tuple[type[ChaosStream], ...]) -> type[ChaosStream]:
+    """The ChaosStream subclass with exactly the capabilities of ``parts`` (made once)."""
+    if not parts:
+        return ChaosStream
+    if len(parts) == 1:
+        return parts[0]
+    name = "ChaosStream" + "".join(p.__name__.removeprefix("_ChaosStream") for p in parts)
+    return cast("type[ChaosStream]", type(name, parts, {"__module__": __name__}))
 
 
 async def _send_pieces(

@@ -9,7 +9,7 @@ import anyio
 import anyio.abc
 
 from .errors import LinkBroken
-from .transport import ReceiveInto
+from .streams import ReceiveExactlyInto, ReceiveInto
 from .wire import NEED_DATA, Decoder, Event
 
 #: Errors that mean "this connection is gone", whatever stream implementation raised them.
@@ -71,13 +71,15 @@ class FrameReader:
     received straight into their chunk buffers (see :meth:`read_payload_into`).
     """
 
-    __slots__ = ("_fast", "_greedy", "decoder", "stream")
+    __slots__ = ("_exactly", "_greedy", "_into", "decoder", "stream")
 
     def __init__(self, stream: anyio.abc.ByteStream, decoder: Decoder, *, greedy: bool) -> None:
         self.stream = stream
         self.decoder = decoder
         self._greedy = greedy
-        self._fast = isinstance(stream, ReceiveInto)
+        # The stream's capabilities, looked up once rather than for every payload.
+        self._exactly = stream if isinstance(stream, ReceiveExactlyInto) else None
+        self._into = stream if isinstance(stream, ReceiveInto) else None
 
     async def next_event(self) -> Event:
         dec = self.decoder
@@ -100,18 +102,17 @@ class FrameReader:
         got = dec.take_payload_into(view)
         size = len(view)
         stream = self.stream
+        exactly, into = self._exactly, self._into
         try:
-            exactly = getattr(stream, "receive_exactly_into", None)
             if exactly is not None and got < size:
-                n = await exactly(view[got:])
+                n = await exactly.receive_exactly_into(view[got:])
                 dec.payload_consumed(n)
                 got += n
                 if got < size:
                     raise LinkBroken("connection closed inside a DATA frame")
             while got < size:
-                if self._fast:
-                    assert isinstance(stream, ReceiveInto)
-                    n = await stream.receive_into(view[got:])
+                if into is not None:
+                    n = await into.receive_into(view[got:])
                     if n == 0:
                         raise LinkBroken("connection closed inside a DATA frame")
                 else:

@@ -12,7 +12,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .transport import ConnectFailed
+from .streams import ConnectFailed
 
 
 class MemoryByteStream(anyio.abc.ByteStream):

@@ -5,7 +5,9 @@ layer, which measured about 10% of loopback throughput.  Here plain non-blocking
 sockets are driven directly (``send``/``recv_into`` on memoryviews), and we only await
 ``wait_writable``/``wait_readable`` when the kernel says EAGAIN.  The classes still implement
 anyio's ``ByteStream`` contract, so sessions, the chaos wrapper and tests treat them exactly
-like in-memory streams; ``receive_into`` is an optional fast path the session uses when present.
+like in-memory streams.  What they can do beyond that (receive into a buffer, send from a file
+or by reference, splice into the output) is declared in :mod:`viamillipede.streams`; sessions
+use each capability only where a stream has it.
 
 OS errors are translated here: a broken connection becomes ``anyio.BrokenResourceError`` (the
 stream contract), a failed connect becomes :class:`ConnectFailed`, and stdin/stdout failures
@@ -24,33 +26,62 @@ import socket
 import stat
 import struct
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 from anyio.lowlevel import checkpoint
 
 from .errors import CannotListen, LocalIOError
+from .streams import (
+    ConnectFailed,
+    ReceiveExactlyInto,
+    ReceiveInto,
+    SendFile,
+    SendPages,
+    SpliceSink,
+    SpliceSource,
+    SpliceTo,
+)
+
+__all__ = [
+    # declared in .streams, importable from here as well
+    "ConnectFailed",
+    "ReceiveExactlyInto",
+    "ReceiveInto",
+    "SendFile",
+    "SendPages",
+    "SpliceSink",
+    "SpliceSource",
+    "SpliceTo",
+    # sockets
+    "RECEIVE_LOWAT",
+    "SocketStream",
+    "TcpListener",
+    "connect",
+    "listen",
+    # files and pipes
+    "FdSink",
+    "FdSource",
+    "read_at",
+]
 
 log = logging.getLogger("viamillipede.transport")
 
 
-class ConnectFailed(Exception):
-    """Could not open a connection to a target (refused, unreachable, timed out)."""
-
-
-@runtime_checkable
-class ReceiveInto(Protocol):
-    async def receive_into(self, view: memoryview) -> int: ...
-
-
 class SocketStream(anyio.abc.ByteStream):
-    """An anyio byte stream over a non-blocking stdlib TCP socket."""
+    """An anyio byte stream over a non-blocking stdlib TCP socket.
+
+    Besides the stream contract it has every capability of :mod:`viamillipede.streams`:
+    :class:`ReceiveInto`, :class:`ReceiveExactlyInto`, :class:`SendFile`, :class:`SendPages`,
+    :class:`SpliceTo`, and it is the :class:`SpliceSource` an :class:`FdSink` splices from.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._closed = False
+        self._eof_sent = False
         self._pages: _PagePipe | None = None
         try:
             self.peer = _format_addr(sock.getpeername())
@@ -74,8 +105,14 @@ class SocketStream(anyio.abc.ByteStream):
         if self._closed:
             raise anyio.ClosedResourceError
 
+    def _check_sendable(self) -> None:
+        # After send_eof the kernel would answer EPIPE, which would read as a broken
+        # connection; sending after our own send_eof is a use of a closed stream instead.
+        if self._closed or self._eof_sent:
+            raise anyio.ClosedResourceError
+
     async def send(self, item: bytes | bytearray | memoryview) -> None:
-        self._check_open()
+        self._check_sendable()
         # One checkpoint per call even when the kernel takes everything at once, so a fast
         # sender can never starve the other tasks.
         await checkpoint()
@@ -100,7 +137,7 @@ class SocketStream(anyio.abc.ByteStream):
         none back out, the two copies that dominate a plain read+send.  ``fd``'s own position is
         not moved, so several connections can send from one file at once.
         """
-        self._check_open()
+        self._check_sendable()
         await checkpoint()
         await self._send_all(header, socket.MSG_MORE)  # one segment with the payload's start
         out = self._sock.fileno()
@@ -129,7 +166,7 @@ class SocketStream(anyio.abc.ByteStream):
         send; the receiver then also copies from pages still in the cache.  Where vmsplice is
         missing or forbidden (another OS, a seccomp filter), the payload is copied after all.
         """
-        self._check_open()
+        self._check_sendable()
         await checkpoint()
         await self._send_all(header, socket.MSG_MORE)
         pages = self._open_pages()
@@ -196,19 +233,19 @@ class SocketStream(anyio.abc.ByteStream):
             while got < size:
                 n = self._recv_nowait(view[got:])
                 if n is None:
-                    lowat = await self._wait_for_data(size - got, lowat)
+                    lowat = await self.wait_for_data(size - got, lowat)
                     continue
                 if n == 0:
                     break
                 got += n
         finally:
-            self._reset_lowat(lowat)
+            self.reset_lowat(lowat)
         await checkpoint()
         return got
 
-    async def _wait_for_data(self, missing: int, lowat: int) -> int:
+    async def wait_for_data(self, missing: int, lowat: int) -> int:
         """Wait until a good part of ``missing`` bytes can be read; returns the low-water mark
-        now set (undo with :meth:`_reset_lowat` before waiting for anything smaller)."""
+        now set (undo with :meth:`reset_lowat` before waiting for anything smaller)."""
         want = min(missing, RECEIVE_LOWAT)
         if want != lowat:
             with contextlib.suppress(OSError):  # then we are just woken more often
@@ -216,10 +253,17 @@ class SocketStream(anyio.abc.ByteStream):
         await self._wait(anyio.wait_readable)
         return want
 
-    def _reset_lowat(self, lowat: int) -> None:
+    def reset_lowat(self, lowat: int) -> None:
         if lowat != 1 and not self._closed:
             with contextlib.suppress(OSError):
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+    async def splice_to(
+        self, sink: SpliceSink, count: int, moved: Callable[[int], None]
+    ) -> None:
+        """Move the next ``count`` bytes into ``sink`` by splice; see :class:`SpliceTo`."""
+        self._check_open()
+        await sink.splice_from(self, count, moved)
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         # Only frame headers and ACKs come this way (payloads use receive_into): one small
@@ -242,8 +286,10 @@ class SocketStream(anyio.abc.ByteStream):
 
     async def send_eof(self) -> None:
         self._check_open()
+        self._eof_sent = True
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_WR)
+        await checkpoint()  # like every other operation: a caller looping on it cannot starve
 
     def abort(self) -> None:
         """Close at once (RST if data is unsent); used for stale or misbehaving connections."""
@@ -317,6 +363,8 @@ RECEIVE_LOWAT = 512 * 1024
 
 
 def _format_addr(addr: Any) -> str:
+    if not isinstance(addr, tuple):  # a Unix socket (a socketpair, say): a path or nothing
+        return str(addr) or "?"
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -507,6 +555,22 @@ def _pread_exactly(
     return digest(view) if digest is not None else 0
 
 
+async def read_at(
+    fd: int, view: memoryview, offset: int, digest: Callable[[memoryview], int] | None = None
+) -> int:
+    """Fill ``view`` from ``offset`` of the input file ``fd``, in a worker thread.
+
+    For whoever needs the bytes of a region that :meth:`SocketStream.send_file` would have sent
+    without reading them (to hash them, or to send them through a stream that cannot take a
+    file).  ``fd``'s own position does not move.  With ``digest``, returns ``digest(view)``,
+    computed in the same thread while the bytes are still in the cache; otherwise 0.
+    """
+    try:
+        return await anyio.to_thread.run_sync(_pread_exactly, fd, view, offset, digest)
+    except OSError as exc:
+        raise LocalIOError(f"reading input failed: {exc.strerror}") from exc
+
+
 class FdSource:
     """Reads the stream to send from a file descriptor (stdin for the CLI).
 
@@ -548,7 +612,7 @@ class FdSource:
         self, view: memoryview, offset: int, digest: Callable[[memoryview], int] | None = None
     ) -> int:
         """Fill ``view`` from ``offset`` of the file: a claimed region, to hash it or for a
-        stream that cannot take :meth:`SocketStream.send_file` (in memory, fault injection).
+        stream that is no :class:`~viamillipede.streams.SendFile` (an in-memory one, say).
 
         With ``digest``, returns ``digest(view)``, computed in the same worker thread as the
         read (XXH3 releases the GIL): the event loop stays free to send, and the bytes are
@@ -556,10 +620,7 @@ class FdSource:
         """
         fd = self.file_fd
         assert fd is not None
-        try:
-            return await anyio.to_thread.run_sync(_pread_exactly, fd, view, offset, digest)
-        except OSError as exc:
-            raise LocalIOError(f"reading input failed: {exc.strerror}") from exc
+        return await read_at(fd, view, offset, digest)
 
     async def readinto(self, view: memoryview) -> int:
         fd = self._fd
@@ -717,7 +778,7 @@ class FdSink:
         return self._splice is not None
 
     async def splice_from(
-        self, stream: SocketStream, count: int, moved: Callable[[int], None]
+        self, stream: SpliceSource, count: int, moved: Callable[[int], None]
     ) -> None:
         """Move the next ``count`` bytes of ``stream`` to this sink without copying them
         through user space; ``moved(n)`` reports every step that reached the sink.
@@ -727,8 +788,7 @@ class FdSink:
         """
         mode = self._splice
         assert mode is not None
-        sock = stream._sock
-        source = sock.fileno()
+        source = stream.fileno()
         out = self._fd.fd
         flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
         if self._prealloc is not None:
@@ -745,7 +805,7 @@ class FdSink:
                     if mode == "pipe" and select.select([source], [], [], 0)[0]:
                         await anyio.wait_writable(out)
                     else:
-                        lowat = await stream._wait_for_data(count, lowat)
+                        lowat = await stream.wait_for_data(count, lowat)
                     continue
                 except OSError as exc:
                     if exc.errno == errno.EPIPE:
@@ -762,7 +822,7 @@ class FdSink:
                 count -= n
                 moved(n)
         finally:
-            stream._reset_lowat(lowat)
+            stream.reset_lowat(lowat)
         await checkpoint()
 
     def _drain_pipe(self, n: int) -> None:
@@ -792,3 +852,12 @@ def _sink_reason(exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
         return "writing output failed: no space left on device"
     return f"writing output failed: {exc.strerror}"
+
+
+if TYPE_CHECKING:
+
+    def _capabilities(stream: SocketStream, sink: FdSink) -> tuple[
+        ReceiveInto, ReceiveExactlyInto, SendFile, SendPages, SpliceSource, SpliceTo, SpliceSink
+    ]:
+        """Never runs: mypy proves here that the classes have the capabilities they claim."""
+        return stream, stream, stream, stream, stream, stream, sink
