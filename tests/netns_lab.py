@@ -14,7 +14,9 @@ the two namespaces.  Faults are what an operator or a broken network does to a r
   an ICMP error or a reset (B does not forward), which only a stall detector can notice.
 
 Every command runs with a timeout; processes started through the lab are killed when it is
-torn down, and the namespaces are deleted even when a test fails.
+torn down, and the namespaces are deleted even when a test fails.  Where namespaces cannot be
+made (not root, no iproute2), a test using the lab skips, or fails under
+VIAMILLIPEDE_REQUIRE_LAB=1, as in CI.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 
 import pytest
 
+from harness import require_or_skip
 from procs import Feeder, random_file, sha256_file, wait_until
 from procs import MiB as MiB  # re-exported: test_netns imports it (and wait_until) from here
 
@@ -347,11 +350,10 @@ def signal_name(code: int | None) -> str:
 
 @contextlib.contextmanager
 def lab_or_skip(rate: str = "200mbit") -> Iterator[Lab]:
-    """A fresh lab for one test, torn down whatever happens; skips only if namespaces are
-    impossible here (not root, no `ip`, `ip netns add` refused)."""
-    reason = namespaces_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
+    """A fresh lab for one test, torn down whatever happens.  Skips only if namespaces are
+    impossible here (not root, no `ip`, `ip netns add` refused), and fails for that reason
+    instead under VIAMILLIPEDE_REQUIRE_LAB=1 (see ``harness.require_or_skip``)."""
+    require_or_skip(namespaces_unavailable())
     lab = Lab(rate=rate)
     try:
         yield lab.create()

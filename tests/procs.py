@@ -4,8 +4,7 @@ Every process writes stdout and stderr to files (no pipe can fill up and stall i
 is bounded, and any process still running when a test ends is killed.  Where a test must
 observe a process's progress it polls with a deadline (``wait_until``).
 
-A test module gets the ``procs`` fixture by importing it: ``from procs import procs_fixture``
-(under another name than the fixture's, so that test arguments named ``procs`` shadow nothing).
+tests/conftest.py registers :func:`procs_fixture` as the ``procs`` fixture for every test module.
 """
 
 from __future__ import annotations
@@ -246,7 +245,7 @@ class Procs:
 
 @pytest.fixture(name="procs")
 def procs_fixture(tmp_path: Path) -> Iterator[Procs]:
-    """The ``procs`` fixture: import ``procs_fixture`` into a test module to use it."""
+    """The ``procs`` fixture (registered by tests/conftest.py)."""
     p = Procs(tmp_path)
     try:
         yield p

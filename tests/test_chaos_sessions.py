@@ -1,88 +1,134 @@
-"""Whole sessions under seeded chaos: every fault kind, at both ends, over in-memory streams
-with a mock clock (so stalls and timeouts cost no real time).  Whatever the seed, the output is
-byte-identical to the input; a failing seed is printed by hypothesis."""
+"""Whole sessions under seeded chaos: the wrapper at both ends of a session, over in-memory
+streams with a mock clock (so stalls and timeouts cost no real time).  Whatever the seed, the
+output is byte-identical to the input; a failing seed is printed by hypothesis.
+
+What replays: the seed decides the fault of every operation a session performs (a pure function
+of the seed and the operation's position).  Which operations a session performs can depend on
+the order in which Trio runs tasks that are ready at once, which Trio randomises and offers no
+public way to fix.  Inside a Hypothesis example it is fixed all the same (Hypothesis seeds the
+scheduler's PRNG, which Trio registers with it), so there a seed replays a session fault for
+fault, and Hypothesis can shrink and replay a failing example.
+"""
 
 from __future__ import annotations
 
-import itertools
 import random
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
-import anyio
-import anyio.abc
-import trio
-import trio.testing
-from hypothesis import given, note, settings
+from hypothesis import Phase, example, given, note, settings
 from hypothesis import strategies as st
 
-from viamillipede import BufferSink, BytesSource, Receiver, Transmitter
-from viamillipede.chaos import ChaosScheduler, FaultKind
+from harness import ALL_KINDS, Session, chaos_endpoints, run_mock, run_session
+from viamillipede.chaos import ChaosScheduler, FaultKind, FaultLog
 from viamillipede.testing import MemoryNetwork
-
-T = TypeVar("T")
-ALL_KINDS = frozenset(FaultKind)
-
-
-def run_deterministic(main: Callable[[], Awaitable[T]]) -> T:
-    """Run on Trio with a mock clock and Trio's scheduling randomness fixed, so that a seed
-    replays the same session, fault for fault."""
-    trio._core._run._r.seed(0)  # type: ignore[attr-defined]
-    return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 async def chaotic_session(
     seed: int, size: int, *, rate: float, threads: int = 4
-) -> tuple[bytes, bytes, list[str]]:
+) -> tuple[Session, bytes, FaultLog]:
+    """A checksummed session with every fault kind at both ends (corruption on the
+    transmitter's sends, where the checksummed payloads go)."""
     sched = ChaosScheduler(seed, rate=rate, kinds=ALL_KINDS, corrupt_sides=("tx",))
     net = MemoryNetwork()
+    listener, connect = chaos_endpoints(sched, net)
     data = random.Random(seed).randbytes(size)
-    sink = BufferSink()
-    wrap_rx = sched.receiver_wrapper()
-    accepted = itertools.count()
-
-    class Listener:
-        async def accept(self) -> anyio.abc.ByteStream:
-            return wrap_rx(next(accepted), await net.accept())
-
-    tx = Transmitter(
-        BytesSource(data),
-        sched.wrap_connector(net.connect),
-        threads=threads,
-        chunk_size=1024,
-        checksum=True,
-        idle_timeout=120,
+    session = await run_session(
+        data, net=net, connect=connect, listener=listener, threads=threads, chunk_size=1024,
+        checksum=True, idle_timeout=120, rx_options={"idle_timeout": 120},
+        limit=3600,  # mock time: a safety net, not a real wait
     )
-    with anyio.fail_after(3600):  # mock time: a safety net, not a real wait
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(Receiver(sink, idle_timeout=120).serve, Listener())
-            await tx.run()
-    return bytes(sink.data), data, sched.log.lines(ordered=True)
+    return session, data, sched.log
+
+
+# -- any seed delivers the input -----------------------------------------------------------------
+
+
+def test_checksummed_sessions_deliver_intact_through_delay_short_and_corrupt() -> None:
+    """The wrapper in its real place: under a session, at both ends, with the session's hooks.
+
+    Resets and stalls are left out on purpose: whether one lands on the transmitter's read of
+    BYE_OK depends on Trio's randomised scheduling, and losing BYE_OK is a session-level
+    question (the tests below), not the wrapper's.
+    """
+    corrupted = 0
+    for seed in range(6):
+
+        async def main(seed: int = seed) -> tuple[bytes, bytes, FaultLog]:
+            sched = ChaosScheduler(
+                seed, rate=0.2, kinds={FaultKind.DELAY, FaultKind.SHORT, FaultKind.CORRUPT}
+            )
+            net = MemoryNetwork()
+            listener, connect = chaos_endpoints(sched, net)
+            data = random.Random(seed).randbytes(60_000)
+            session = await run_session(
+                data, net=net, connect=connect, listener=listener, threads=3, chunk_size=1024,
+                checksum=True, limit=3600,
+            )
+            return session.received, data, sched.log
+
+        got, data, fault_log = run_mock(main)
+        assert got == data
+        assert len(fault_log) > 0
+        corrupted += fault_log.summary()[FaultKind.CORRUPT]
+    assert corrupted > 0
 
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(min_value=0, max_value=2**32), threads=st.sampled_from([1, 3, 6]))
 def test_any_seed_delivers_identical_bytes(seed: int, threads: int) -> None:
-    got, data, faults = run_deterministic(
+    session, data, faults = run_mock(
         lambda: chaotic_session(seed, 40_000, rate=0.05, threads=threads)
     )
     note(f"chaos seed {seed}, threads {threads}: {len(faults)} faults")
-    assert got == data
+    assert session.received == data
 
 
 def test_seeds_meet_every_fault_kind_and_survive() -> None:
-    seen: set[str] = set()
+    seen: set[FaultKind] = set()
     for seed in range(12):
-        got, data, faults = run_deterministic(lambda s=seed: chaotic_session(s, 60_000, rate=0.08))
-        assert got == data, f"chaos seed {seed}"
-        seen.update(line.rsplit(": ", 1)[1].split()[0] for line in faults)
-    assert seen >= {k.value for k in ALL_KINDS}
+        session, data, faults = run_mock(lambda s=seed: chaotic_session(s, 60_000, rate=0.08))
+        assert session.received == data, f"chaos seed {seed}"
+        seen.update(record.kind for record in faults)
+    assert seen >= ALL_KINDS
 
 
-def test_a_seed_replays_its_fault_log() -> None:
-    runs = [
-        run_deterministic(lambda: chaotic_session(1731, 60_000, rate=0.08)) for _ in range(3)
-    ]
-    logs = [faults for _, _, faults in runs]
+# -- what a seed replays -------------------------------------------------------------------------
+
+
+def test_every_fault_of_a_session_is_the_one_its_seed_decides() -> None:
+    """Whatever order Trio runs the tasks in, each logged fault is the seed's decision for
+    that operation's position: its kind, and for a delay its length.  Runs of one seed may
+    differ in which operations they perform, never in what happens to a given one."""
+    fresh = ChaosScheduler(1731, rate=0.08, kinds=ALL_KINDS, corrupt_sides=("tx",))
+    kinds: set[FaultKind] = set()
+    for _ in range(3):
+        session, data, faults = run_mock(lambda: chaotic_session(1731, 60_000, rate=0.08))
+        assert session.received == data
+        assert len(faults) > 0, "the seed injected nothing; pick a busier one"
+        for r in faults:
+            decided = fresh.decide(r.side, r.conn, r.generation, r.direction, r.op)
+            assert decided is not None and decided.kind is r.kind, r.line()
+            if r.kind is FaultKind.DELAY:
+                assert r.detail == f"{decided.delay_ms} ms", r.line()
+            kinds.add(r.kind)
+    assert len(kinds) >= 3, kinds
+
+
+def test_inside_a_hypothesis_example_a_seed_replays_its_session_exactly() -> None:
+    """Each explicit example runs with Trio's scheduler seeded alike, so the same seed gives the
+    same session: the same faults, injected in the same order."""
+    logs: list[list[str]] = []
+
+    @settings(phases=[Phase.explicit], database=None, deadline=None)
+    @example(attempt=0)
+    @example(attempt=1)
+    @example(attempt=2)
+    @given(attempt=st.integers())
+    def replay(attempt: int) -> None:
+        session, data, faults = run_mock(lambda: chaotic_session(1731, 60_000, rate=0.08))
+        assert session.received == data
+        logs.append(faults.lines())
+
+    replay()
+    assert len(logs) == 3
     assert logs[0], "the seed injected nothing; pick a busier one"
     assert logs[0] == logs[1] == logs[2]

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 
-import anyio
 import pytest
 
-from viamillipede import BufferSink, BytesSource, Receiver, Transmitter
+from harness import run_session
 from viamillipede.checksums import ALGORITHMS, DEFAULT
-from viamillipede.testing import MemoryNetwork
 from viamillipede.wire import Feature
 
 
@@ -30,13 +28,6 @@ def test_default_is_xxh3() -> None:
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 async def test_sessions_with_each_algorithm(algorithm: int) -> None:
     data = os.urandom(50_000)
-    net = MemoryNetwork()
-    sink = BufferSink()
-    tx = Transmitter(BytesSource(data), net.connect, threads=2, chunk_size=4096,
-                     checksum=algorithm)
-    with anyio.fail_after(20):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(Receiver(sink).serve, net)
-            await tx.run()
-            tg.cancel_scope.cancel()
-    assert bytes(sink.data) == data
+    session = await run_session(data, threads=2, chunk_size=4096, checksum=algorithm, limit=20)
+    assert session.received == data
+    assert session.rx_stats is not None and session.rx_stats.nbytes == len(data)

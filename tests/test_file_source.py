@@ -11,7 +11,8 @@ import anyio
 import anyio.abc
 import pytest
 
-from viamillipede import BufferSink, Receiver, Transmitter, receive
+from harness import loopback_receiver, run_session
+from viamillipede import BufferSink
 from viamillipede.api import tcp_transmitter
 from viamillipede.errors import LocalIOError
 from viamillipede.testing import MemoryNetwork, PassThrough
@@ -68,17 +69,15 @@ async def test_a_file_is_sent_from_the_page_cache_and_lost_regions_are_reread(
     f, data, _path = payload
     log: list[str] = []
     sink = BufferSink()
-    with anyio.fail_after(30):
-        source = FdSource(f.fileno())
-        assert source.file_fd == f.fileno()
-        async with anyio.create_task_group() as tg:
-            port = await tg.start(receive, sink, 0)
-            tx = tcp_transmitter(
-                source, [("127.0.0.1", port)], threads=3, chunk_size=CHUNK,
-                wrap=lambda i, gen, s: Breaking(s, 2 if gen == 0 and i < 2 else None, log),
-            )
-            stats = await tx.run()
-        assert f.tell() == len(data), "the file position is left where a read would leave it"
+    source = FdSource(f.fileno())
+    assert source.file_fd == f.fileno()
+    async with loopback_receiver(sink) as rx:
+        tx = tcp_transmitter(
+            source, rx.targets, threads=3, chunk_size=CHUNK,
+            wrap=lambda i, gen, s: Breaking(s, 2 if gen == 0 and i < 2 else None, log),
+        )
+        stats = await tx.run()
+    assert f.tell() == len(data), "the file position is left where a read would leave it"
     assert sink.data == data
     assert log.count("broke") == 2
     assert stats.retransmits >= 1
@@ -104,15 +103,12 @@ async def test_with_checksums_a_file_is_read_once_and_sent_by_reference(
             return await super().pread(view, offset, digest)
 
     sink = BufferSink()
-    with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            port = await tg.start(receive, sink, 0)
-            tx = tcp_transmitter(
-                Counted(f.fileno()), [("127.0.0.1", port)], threads=3, chunk_size=CHUNK,
-                checksum=True,
-                wrap=lambda i, gen, s: Breaking(s, 2 if gen == 0 and i < 2 else None, log),
-            )
-            stats = await tx.run()
+    async with loopback_receiver(sink) as rx:
+        tx = tcp_transmitter(
+            Counted(f.fileno()), rx.targets, threads=3, chunk_size=CHUNK, checksum=True,
+            wrap=lambda i, gen, s: Breaking(s, 2 if gen == 0 and i < 2 else None, log),
+        )
+        stats = await tx.run()
     assert sink.data == data
     assert log.count("broke") == 2
     assert stats.retransmits >= 1
@@ -127,16 +123,9 @@ async def test_a_file_over_streams_without_sendfile_is_read_into_buffers(
     payload: tuple[BinaryIO, bytes, Path],
 ) -> None:
     f, data, _path = payload
-    sink = BufferSink()
-    with anyio.fail_after(30):
-        f.seek(1000)  # a file handed over part-read is sent from where it stands
-        net = MemoryNetwork()
-        tx = Transmitter(FdSource(f.fileno()), net.connect, threads=2, chunk_size=CHUNK)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(Receiver(sink).serve, net)
-            await tx.run()
-            tg.cancel_scope.cancel()
-    assert sink.data == data[1000:]
+    f.seek(1000)  # a file handed over part-read is sent from where it stands
+    session = await run_session(FdSource(f.fileno()), threads=2, chunk_size=CHUNK)
+    assert session.received == data[1000:]
 
 
 @pytest.mark.parametrize("checksum", [False, True])
@@ -164,7 +153,6 @@ async def test_a_file_changed_under_the_transfer_arrives_as_it_was_read(
             return crc
 
     net = MemoryNetwork()
-    sink = BufferSink()
     modified = []
 
     async def connect(index: int) -> anyio.abc.ByteStream:
@@ -174,14 +162,9 @@ async def test_a_file_changed_under_the_transfer_arrives_as_it_was_read(
             modified.append(True)
         return await net.connect(index)
 
-    tx = Transmitter(Watched(f.fileno()), connect, threads=1, chunk_size=CHUNK,
-                     checksum=checksum)
-    with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(Receiver(sink).serve, net)
-            await tx.run()
-            tg.cancel_scope.cancel()
-    assert sink.data == (data if checksum else b"X" * 10 + data[10:])
+    session = await run_session(Watched(f.fileno()), net=net, connect=connect, threads=1,
+                                chunk_size=CHUNK, checksum=checksum)
+    assert session.received == (data if checksum else b"X" * 10 + data[10:])
 
 
 async def test_a_file_that_shrinks_while_sent_fails_loudly(
@@ -194,13 +177,9 @@ async def test_a_file_that_shrinks_while_sent_fails_loudly(
             os.truncate(path, 0)
             await super().send_file(header, fd, offset, count)
 
-    sink = BufferSink()
-    with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            port = await tg.start(receive, sink, 0)
-            tx = tcp_transmitter(FdSource(f.fileno()), [("127.0.0.1", port)], threads=2,
-                                 chunk_size=CHUNK,
-                                 wrap=lambda i, gen, s: Truncating(s, None, []))
-            with pytest.raises(LocalIOError, match="shrank"):
-                await tx.run()
-            tg.cancel_scope.cancel()
+    async with loopback_receiver(BufferSink()) as rx:
+        tx = tcp_transmitter(FdSource(f.fileno()), rx.targets, threads=2, chunk_size=CHUNK,
+                             wrap=lambda i, gen, s: Truncating(s, None, []))
+        with pytest.raises(LocalIOError, match="shrank"):
+            await tx.run()
+        rx.stop()

@@ -19,7 +19,7 @@ loopback), so for each kill the receiver is frozen (SIGSTOP) until the kernel ho
 receiver has not read, and thawed right after: every kill destroys a connection with bytes in
 flight that no one has acknowledged.  The output must still be the input, byte for byte, and
 both ends must exit 0.  Skipped only where a probe shows ``ss -K`` cannot destroy even a socket
-pair of the test's own.
+pair of the test's own; under VIAMILLIPEDE_REQUIRE_LAB=1 (CI) that fails the test instead.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from harness import require_or_skip
 from procs import (
     HOST,
     Feeder,
@@ -41,7 +42,6 @@ from procs import (
     Proc,
     Procs,
     free_port,
-    procs_fixture,  # noqa: F401  (the ``procs`` fixture)
     sha256_file,
     wait_until,
 )
@@ -128,9 +128,7 @@ def ss_kill_unavailable() -> str | None:
     ids=["tx", "rx", "both", "both-checksum"],
 )
 def test_connections_killed_three_times(procs: Procs, side: str, checksum: bool) -> None:
-    reason = ss_kill_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
+    require_or_skip(ss_kill_unavailable())
     port = free_port()
     rx = procs.rx(port)
     tx_args = ["threads", "4", *CHUNK, "verbose", "1", *(["checksum"] if checksum else [])]

@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -26,7 +25,6 @@ from procs import (
     connect_when_listening,
     free_port,
     one_error_line,
-    procs_fixture,  # noqa: F401  (the ``procs`` fixture)
     random_file,
     sha256_file,
     transfer,
@@ -156,6 +154,8 @@ def test_second_transmitter_is_rejected(procs: Procs) -> None:
 
 
 def test_transmitter_killed_mid_transfer(procs: Procs) -> None:
+    """The receiver gives up (its timeout: 2 s; how soon is checked under a mock clock in
+    test_operability.py) and says how much it delivered."""
     port = free_port()
     rx = procs.rx(port, "timeout", "2")
     tx = procs.tx(port, *SMALL_CHUNK, stdin=subprocess.PIPE)
@@ -168,9 +168,7 @@ def test_transmitter_killed_mid_transfer(procs: Procs) -> None:
 
     tx.popen.send_signal(signal.SIGKILL)
     tx.wait()
-    killed = time.monotonic()
     err = rx.finish(4, timeout=15)
-    assert time.monotonic() - killed < 10, "the receiver took too long to give up"
     match = re.search(r"(\d+) bytes were delivered", err)
     assert match, f"the receiver did not say how much it delivered:\n{err}"
     assert int(match.group(1)) == rx.out_size() == 10 * CHUNK

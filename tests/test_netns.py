@@ -5,31 +5,45 @@ Host A runs ``viamillipede tx 198.18.1.2 PORT tx 198.18.2.2 PORT threads 4`` and
 tests/netns_lab.py).  Faults are injected mid-transfer by polling, with a deadline, until the
 receiver's output or an interface counter has passed a mark; nothing waits on a fixed sleep.
 
-Needs root and iproute2 (``ip``, ``tc``); skipped otherwise.  Knobs for hand-run acceptance:
+The lab tests need root and iproute2 (``ip``, ``tc``): they skip without them, and fail
+instead under VIAMILLIPEDE_REQUIRE_LAB=1 (as in CI).  They check outcomes (every byte
+delivered, which link carried the rest, exit codes), with deadlines only against hangs.
+Claims about time and link shares (how soon a dead link is routed around, that a slow source
+stays on the first link) depend on the machine's load over real links, so they are checked on
+the same two-link topology in memory, under a mock clock (the first section).
+
+Knobs for hand-run acceptance:
 
 - ``VMP_NETNS_REPEAT=10`` runs the link-down, black-hole and dead-first-target scenarios ten
   times each (default 1);
 - ``VMP_NETNS_RATE=100mbit`` shapes every link direction to another rate (default 200mbit).
 
 Timings (fault to completion, rejoin delay, link shares) are printed (visible with ``-s``) and
-recorded as test properties (``--junitxml``).
+recorded as test properties (``--junitxml``).  bench/netns_links.py measures throughput and
+the split over the links.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Literal, TypeVar
 
+import anyio
+import anyio.abc
 import pytest
 
+from harness import PacedSource, WatchedSink, run_mock, run_session
 from netns_lab import Lab, MiB, lab_or_skip, pattern_file, signal_name, tail, wait_until
+from viamillipede.testing import MemoryNetwork, PassThrough
 
-pytestmark = pytest.mark.slow
+T = TypeVar("T")
 
 REPEAT = int(os.environ.get("VMP_NETNS_REPEAT", "1"))
 RATE = os.environ.get("VMP_NETNS_RATE", "200mbit")
@@ -38,7 +52,10 @@ repeat = pytest.mark.parametrize("attempt", range(REPEAT), ids=[f"run{i}" for i 
 SIZE = 48 * MiB  # a1..b2 at 200 mbit: about 2 s over one link
 CHUNK = 2 * MiB  # the CLI's default chunk size
 WINDOW = 8 * CHUNK  # default window for 4 threads: chunks B may hold unwritten
-LIMIT = 60.0  # a fault must be routed around well within a minute
+LIMIT = 60.0  # longest a lab transfer may run: a guard against hangs, not a measurement
+RATE_BYTES = 25e6  # 200mbit, in bytes per second: the links of the in-memory twin
+STALL_CAP = 30.0  # a silent connection is abandoned after 8 x smoothed RTT, at most 30 s
+CONNECT_TIMEOUT = 10.0  # a connect into a black hole gives up (as the API's TCP connector)
 
 
 @pytest.fixture
@@ -55,6 +72,169 @@ def note(record: Record, key: str, value: float | str) -> None:
     shown = f"{value:.2f}" if isinstance(value, float) else value
     record(key, shown)
     print(f"{key} = {shown}")
+
+
+# -- the same two links in memory, under a mock clock ------------------------------------------
+
+
+class Link:
+    """One link of the twin: ``rate`` bytes per second of mock time from the transmitter,
+    shared by every connection over it; ``fail`` takes it down or black-holes it."""
+
+    def __init__(self, number: int, rate: float) -> None:
+        self.number = number
+        self.rate = rate
+        self.state: Literal["up", "down", "blackhole"] = "up"
+        self.sent = 0  # payload and frames the transmitter put on the wire
+        self.wire = anyio.Lock()
+        self.streams: set[LinkStream] = set()
+
+    def fail(self, how: Literal["down", "blackhole"]) -> None:
+        """``down``: every connection over the link breaks and new ones are refused, as when
+        the carrier is lost.  ``blackhole``: everything sent either way vanishes without a
+        word, and new connections time out, as when the peer's address is gone."""
+        self.state = how
+        if how == "down":
+            for stream in list(self.streams):
+                stream.cut()
+
+
+class LinkStream(PassThrough):
+    """The transmitter's end of one connection over a :class:`Link`."""
+
+    def __init__(self, inner: anyio.abc.ByteStream, link: Link) -> None:
+        super().__init__(inner)
+        self.link = link
+        self._scopes: set[anyio.CancelScope] = set()
+        link.streams.add(self)
+
+    def cut(self) -> None:
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    async def _op(self, fn: Callable[[], Awaitable[T]]) -> T:
+        if self.link.state == "down":
+            raise anyio.BrokenResourceError(f"link {self.link.number} is down")
+        scope = anyio.CancelScope()
+        self._scopes.add(scope)
+        try:
+            with scope:
+                return await fn()
+        finally:
+            self._scopes.discard(scope)
+        raise anyio.BrokenResourceError(f"link {self.link.number} went down")  # cut()
+
+    async def _vanish_if_blackholed(self) -> None:
+        if self.link.state == "blackhole":
+            await anyio.sleep_forever()
+
+    async def send(self, item: bytes | bytearray | memoryview) -> None:
+        async def transmit() -> None:
+            await self._vanish_if_blackholed()
+            async with self.link.wire:
+                await anyio.sleep(len(item) / self.link.rate)
+            await self._vanish_if_blackholed()
+            self.link.sent += len(item)
+            await self.inner.send(item)  # type: ignore[arg-type]
+
+        await self._op(transmit)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        async def arrive() -> bytes:
+            data = await self.inner.receive(max_bytes)
+            await self._vanish_if_blackholed()
+            return data
+
+        return await self._op(arrive)
+
+    async def aclose(self) -> None:
+        self.link.streams.discard(self)
+        await self.inner.aclose()
+
+
+class TwoLinks:
+    """The lab in memory: ``tx LINK1 PORT tx LINK2 PORT threads 4`` spreads the connections
+    over the two targets round-robin (0 and 2 over link 1, the preferred one; 1 and 3 over
+    link 2)."""
+
+    def __init__(self, rate: float = RATE_BYTES) -> None:
+        self.net = MemoryNetwork()
+        self.links = {1: Link(1, rate), 2: Link(2, rate)}
+        self._refusing = MemoryNetwork()
+        self._refusing.refuse = True
+
+    @staticmethod
+    def rank(index: int) -> int:
+        return index % 2
+
+    def sent(self) -> tuple[int, int]:
+        return self.links[1].sent, self.links[2].sent
+
+    async def connect(self, index: int) -> anyio.abc.ByteStream:
+        link = self.links[1 + self.rank(index)]
+        if link.state == "blackhole":
+            await anyio.sleep(CONNECT_TIMEOUT)
+        if link.state != "up":
+            return await self._refusing.connect(index)  # raises: refused
+        return LinkStream(await self.net.connect(index), link)
+
+    async def transfer(self, source: object, sink: WatchedSink | None = None) -> bytes:
+        """Send ``source`` over both links (threads 4, 2 MiB chunks, as the CLI's defaults)."""
+        session = await run_session(source, net=self.net, sink=sink, connect=self.connect,
+                                    threads=4, chunk_size=CHUNK, rank=self.rank, limit=3600)
+        return session.received
+
+
+def test_in_memory_a_slow_source_stays_on_the_first_link() -> None:
+    """A source slower than one link (3 MB/s for 8 s against 25 MB/s links) leaves the
+    second link idle: its chunks never wait for the first link."""
+    links = TwoLinks()
+    source = PacedSource(3e6, int(3e6 * 8), seed=7)
+    assert run_mock(lambda: links.transfer(source)) == source.data
+    a1, a2 = links.sent()
+    share = a2 / (a1 + a2)
+    assert share < 0.10, f"link 2 carried {share:.0%} ({a2} of {a1 + a2} bytes)"
+
+
+def test_in_memory_a_fast_source_spills_over_to_the_second_link() -> None:
+    """What makes the test above mean something: the second link is used once the first is
+    busy."""
+    links = TwoLinks()
+    data = random.Random(3).randbytes(SIZE)
+    assert run_mock(lambda: links.transfer(data)) == data
+    a1, a2 = links.sent()
+    assert a2 / (a1 + a2) > 0.25, f"link 2 carried only {a2} of {a1 + a2} bytes"
+
+
+@pytest.mark.parametrize("how", ["down", "blackhole"])
+def test_in_memory_a_dead_link_mid_transfer_is_routed_around_in_time(
+        how: Literal["down", "blackhole"]) -> None:
+    """(a) and (b) below, timed: once a third has arrived, link 1 dies.  The rest comes over
+    link 2, within the stall timeout's cap plus the time link 2 needs to carry it."""
+    links = TwoLinks()
+    data = random.Random(5).randbytes(SIZE)
+    sink = WatchedSink()
+
+    async def main() -> tuple[int, tuple[int, int], float]:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(links.transfer, data, sink)
+            await sink.wait_for(SIZE // 3)
+            at_fault, before = len(sink.data), links.sent()
+            links.links[1].fail(how)
+            fault_at = anyio.current_time()
+        return at_fault, before, anyio.current_time() - fault_at
+
+    at_fault, (a1_before, a2_before), took = run_mock(main)
+    assert bytes(sink.data) == data
+    assert a1_before > CHUNK, f"link 1 carried only {a1_before} bytes before the fault"
+    a2_after = links.sent()[1]
+    assert a2_after - a2_before >= SIZE - at_fault - WINDOW, (
+        f"link 2 carried only {a2_after - a2_before} bytes after the fault")
+    bound = STALL_CAP + (SIZE - at_fault) / RATE_BYTES + 1.0
+    assert took < bound, f"{took:.1f} s from the fault to the end, more than {bound:.1f} s"
+
+
+# -- the real CLI in the lab -------------------------------------------------------------------
 
 
 def mid_transfer_fault(lab: Lab, tmp_path: Path, attempt: int, record: Record,
@@ -76,7 +256,6 @@ def mid_transfer_fault(lab: Lab, tmp_path: Path, attempt: int, record: Record,
     note(record, f"{name}_fault_to_completion_s", t.ended - fault_at if t.ended else -1.0)
     note(record, f"{name}_total_s", t.elapsed())
     t.assert_complete()
-    assert t.elapsed() < LIMIT
     a1_after, a2_after = lab.tx_bytes_a()
     note(record, f"{name}_link1_after_fault_MiB", (a1_after - a1_before) / MiB)
     note(record, f"{name}_link2_after_fault_MiB", (a2_after - a2_before) / MiB)
@@ -86,9 +265,10 @@ def mid_transfer_fault(lab: Lab, tmp_path: Path, attempt: int, record: Record,
         f"link 2 carried only {a2_after - a2_before} bytes after the fault\n{t.logs()}")
 
 
-# -- (a) link down ------------------------------------------------------------------------------
+# -- (a) link down -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @repeat
 def test_link_down_mid_transfer_completes_over_link_2(
         lab: Lab, tmp_path: Path, attempt: int, record_property: Record) -> None:
@@ -96,19 +276,21 @@ def test_link_down_mid_transfer_completes_over_link_2(
                        lambda: lab.link_down(1), "link_down")
 
 
-# -- (b) silent black hole ----------------------------------------------------------------------
+# -- (b) silent black hole ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @repeat
-def test_blackhole_mid_transfer_reroutes_within_a_minute(
+def test_blackhole_mid_transfer_completes_over_link_2(
         lab: Lab, tmp_path: Path, attempt: int, record_property: Record) -> None:
     mid_transfer_fault(lab, tmp_path, attempt, record_property,
                        lambda: lab.blackhole(1), "blackhole")
 
 
-# -- (c) dead first target at start-up, then it comes back ------------------------------------
+# -- (c) dead first target at start-up, then it comes back -------------------------------------
 
 
+@pytest.mark.slow
 @repeat
 @pytest.mark.parametrize("fault", ["down", "blackhole"])
 def test_dead_first_target_then_it_rejoins(
@@ -146,31 +328,14 @@ def test_dead_first_target_then_it_rejoins(
         f"\n{t.logs()}")
 
 
-# -- (d) a source slower than one link stays on the first link ---------------------------------
+# -- (d) the receiver dies: the transmitter says so once and exits 4 ---------------------------
 
 
-def test_slow_source_stays_on_first_link(lab: Lab, tmp_path: Path,
-                                         record_property: Record) -> None:
-    rate, seconds = 3_000_000, 8  # 24 Mbit/s against 200 mbit links
-    a1_start, a2_start = lab.tx_bytes_a()
-    t = lab.start_transfer(tmp_path, source=(rate, rate * seconds), seed=7)
-    t.wait(deadline=t.started + seconds + LIMIT)
-    t.assert_complete()
-    a1_end, a2_end = lab.tx_bytes_a()
-    a1, a2 = a1_end - a1_start, a2_end - a2_start
-    share = a2 / max(1, a1 + a2)
-    note(record_property, "slow_total_s", t.elapsed())
-    note(record_property, "link1_MiB", a1 / MiB)
-    note(record_property, "link2_MiB", a2 / MiB)
-    note(record_property, "link2_share", share)
-    assert share < 0.10, f"link 2 carried {share:.0%} ({a2} of {a1 + a2} bytes)\n{t.logs()}"
-
-
-# -- (e) the receiver dies: the transmitter says so once and exits 4 ---------------------------
-
-
+@pytest.mark.slow
 def test_receiver_killed_transmitter_exits_4(lab: Lab, tmp_path: Path,
                                              record_property: Record) -> None:
+    """How soon it gives up is test_operability.py's mock-clock business; here, that the
+    real CLI says so once, in one line, and exits 4."""
     timeout = 5.0
     rate = 4 * MiB
     t = lab.start_transfer(tmp_path, source=(rate, rate * 30), seed=9,
@@ -193,7 +358,6 @@ def test_receiver_killed_transmitter_exits_4(lab: Lab, tmp_path: Path,
     print(f"tx stderr:\n{err}")
     assert signal_name(t.rx.returncode) == "SIGKILL"
     assert code == 4, f"transmitter exit {code}\n{tail(t.tx_err, 30)}"
-    assert took < timeout + 2.0, f"exited {took:.1f} s after the receiver died"
     assert "Traceback" not in err, err
     errors = [line for line in lines if re.match(r"viamillipede tx: error\b", line)]
     assert len(errors) == 1, f"want one error line, got:\n{err}"
