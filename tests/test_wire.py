@@ -32,7 +32,7 @@ FRAMES: dict[str, st.SearchStrategy[Event]] = {
         chunk_size=u32, window=u32, features=u32, version=u16,
     ),
     "WELCOME": st.builds(Welcome, status=u8, session_id=ids, written=u64),
-    "DATA": st.builds(Data, seq=u64, checksum=u32, payload=st.binary(max_size=200)),
+    "DATA": st.builds(Data, seq=u64, checksum=u32, payload=st.binary(min_size=1, max_size=200)),
     "ACK": st.builds(Ack, seq=u64, written=u64),
     "BYE": st.builds(Bye, chunks=u64, nbytes=u64),
     "BYE_OK": st.builds(ByeOk, chunks=u64, nbytes=u64),
@@ -188,13 +188,15 @@ def test_any_split_gives_the_same_events(streaming: bool, data: st.DataObject) -
         assert read_events(decoder, pieces, take) == [*events, ConnectionClosed()]
 
 
-def test_streaming_empty_payload_has_no_payload_state() -> None:
-    d = wire.Decoder.for_receiver(stream_payload=True)
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_empty_data_frame_is_refused(streaming: bool) -> None:
+    """No transmitter sends a chunk of nothing; a DATA frame without payload is a peer's
+    error, refused at the decoder before any state can depend on it."""
+    d = wire.Decoder.for_receiver(stream_payload=streaming)
     d.receive_data(encode_all([HELLO, Data(9, 0, b""), Bye(10, 0)]))
     assert d.next_event() == HELLO
-    assert d.next_event() == DataHeader(9, 0, 0)
-    assert d.payload_remaining == 0
-    assert d.next_event() == Bye(10, 0)
+    with pytest.raises(wire.RemoteProtocolError, match="no payload"):
+        d.next_event()
 
 
 # -- read_hint ---------------------------------------------------------------------------------
@@ -327,7 +329,7 @@ def test_every_frame_type_is_covered_by_these_tests() -> None:
     assert set(codes.values()) == set(frames.BODIES)
     assert set(FRAMES) == set(codes)
     examples: dict[str, Event] = {
-        "HELLO": HELLO, "WELCOME": WELCOME, "DATA": Data(0, 0, b""), "ACK": Ack(0, 0),
+        "HELLO": HELLO, "WELCOME": WELCOME, "DATA": Data(0, 0, b"x"), "ACK": Ack(0, 0),
         "BYE": Bye(0, 0), "BYE_OK": ByeOk(0, 0), "FIN": Fin(0, 0), "ERROR": Error(0, ""),
     }
     for name, event in examples.items():
@@ -365,7 +367,7 @@ def test_frame_before_the_opening_frame(factory: Callable[[], wire.Decoder], fra
         (RECEIVER, ByeOk(1, 1)),
         (RECEIVER, WELCOME),
         (RECEIVER, HELLO),  # a second opening frame
-        (TRANSMITTER, Data(1, 0, b"")),
+        (TRANSMITTER, Data(1, 0, b"x")),
         (TRANSMITTER, Bye(1, 1)),
         (TRANSMITTER, Fin(1, 1)),
         (TRANSMITTER, HELLO),
@@ -553,7 +555,7 @@ def test_final_frame_then_clean_close() -> None:
     "events",
     [
         # The usual end: the last chunks, BYE, and FIN once BYE_OK has arrived.
-        [HELLO, Data(0, 0, b"abc"), Data(1, 0, b""), Bye(2, 3), Fin(2, 3)],
+        [HELLO, Data(0, 0, b"abc"), Data(1, 0, b"d"), Bye(2, 4), Fin(2, 4)],
         # BYE_OK arrives on every connection: FIN may come where no BYE was sent...
         [HELLO, Data(5, 0, b"xyz"), Fin(9, 99)],
         # ...or right after the HELLO, answering a WELCOME SESSION_OVER.

@@ -1,12 +1,13 @@
-"""The receiving end of a session.
+"""The receiving end of a session: the async driver around :mod:`viamillipede.rxcore`.
 
-Each accepted connection gets a handler that checks the HELLO, receives DATA payloads straight
-into pooled chunk buffers, verifies checksums, files chunks in the reorder buffer and queues
-ACKs.  One writer task drains the reorder buffer to the sink strictly in sequence.  All frames a
+Each accepted connection gets a handler that reads frames and asks the core what they mean:
+whether the HELLO is admitted, whether a DATA payload earns a buffer, is dropped or may go
+straight to the sink, whether a BYE is believable.  The handler moves the bytes; one writer
+task drains the core's reorder buffer to the sink strictly in sequence.  All frames a
 connection sends back go through that connection's own sender task, so the writer never blocks
 on a slow or dead connection and no two tasks ever write to one stream.
 
-A receiver serves exactly one session: the first accepted HELLO binds it.  It finishes with
+A receiver serves exactly one session: the first admitted HELLO binds it.  It finishes with
 success only after a BYE whose totals match what was written and flushed.
 """
 
@@ -16,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
@@ -28,7 +30,6 @@ from .errors import (
     LinkBroken,
     LocalIOError,
     PeerTimeout,
-    ProtocolViolation,
     RemoteFailure,
     TruncatedStream,
     ViamillipedeError,
@@ -42,24 +43,19 @@ from .options import (
     MAX_RECEIVER_BUFFER,
     encode_checkphrase,
 )
+from .rxcore import Admission, AuthThrottle, Claim, ReceiverCore, RxState
 from .stats import Counters, LinkCounters, Report, TransferStats, link_stats
-from .transport import SocketStream
-from .window import Offer, ReorderBuffer
+from .streams import SpliceSink, SpliceTo
 from .wire import (
-    PROTOCOL_VERSION,
     Bye,
-    ByeOk,
     ConnectionClosed,
-    Data,
     DataHeader,
     Decoder,
     Error,
     ErrorCode,
-    Feature,
     Fin,
     Hello,
     ProtocolError,
-    Welcome,
     WelcomeStatus,
     encode,
     encode_ack,
@@ -72,10 +68,24 @@ log = logging.getLogger("viamillipede.rx")
 LINGER = 10.0
 
 #: How long a chunk that arrives before its turn may wait in its socket for that turn, to go
-#: to the sink without a copy, before it is read into a buffer after all.  On loopback and fast
-#: LANs the chunks ahead of it finish well within this; on slower paths it soon gives up, so a
-#: waiting chunk does not hold its connection's flow for long.
+#: to the sink without a copy, before it is read into a buffer after all.  On fast paths the
+#: chunks ahead of it finish well within this; on slower ones it soon gives up, so a waiting
+#: chunk does not hold its connection's flow for long.
 PARK_LIMIT = 0.02
+
+#: How long a best-effort send (an ERROR on the way out) may take before we stop trying.
+BEST_EFFORT_TIMEOUT = 1.0
+
+#: Connections that have not yet said HELLO, and refused ones waiting out their delay: beyond
+#: these, new ones are closed at once, so strangers cannot make the receiver hold much.
+MAX_PENDING = 64
+MAX_DELAYED = 32
+
+#: Refusals after the first of each kind are reported in one line at most this often.
+REPORT_EVERY = 60.0
+
+#: Scratch space for payloads that are read only to be dropped.
+SCRATCH_SIZE = 64 * 1024
 
 
 class Sink(Protocol):
@@ -133,6 +143,59 @@ class _Conn:
             await self.stream.send(data)
 
 
+class _Gate:
+    """Admission at the door: how many strangers we hold, and how refusals are answered and
+    logged (slowly, for a wrong checkphrase; in aggregate, not one WARNING each)."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.delayed = 0
+        self.throttle = AuthThrottle()
+        self._refused: Counter[str] = Counter()
+        self._seen: set[str] = set()
+        self._last = ""
+        self._reported_at = 0.0
+
+    async def answer_refusal(self, admission: Admission, name: str) -> bool:
+        """Wait until a refusal may be answered; False: drop it unanswered."""
+        now = anyio.current_time()
+        self._count(admission.reason, name, now)
+        if admission.welcome.status != WelcomeStatus.BAD_CHECKPHRASE:
+            return True
+        when = self.throttle.failure(now)
+        if when <= now:
+            return True
+        if self.delayed >= MAX_DELAYED:
+            return False
+        self.delayed += 1
+        try:
+            await anyio.sleep_until(when)
+        finally:
+            self.delayed -= 1
+        return True
+
+    def _count(self, reason: str, name: str, now: float) -> None:
+        self._last = name
+        if reason not in self._seen:
+            self._seen.add(reason)
+            self._reported_at = now
+            log.warning("rejected connection from %s: %s", name, reason)
+            return
+        self._refused[reason] += 1
+        if now - self._reported_at >= REPORT_EVERY:
+            self.report(now)
+
+    def report(self, now: float) -> None:
+        """Say in one line how many refusals went unreported."""
+        self._reported_at = now
+        total = sum(self._refused.values())
+        if total:
+            detail = ", ".join(f"{reason}: {n}" for reason, n in self._refused.items())
+            log.warning("rejected %d more connections (%s; the last from %s)", total, detail,
+                        self._last)
+            self._refused.clear()
+
+
 class Receiver:
     """Accepts connections for one session and writes the stream, in order, to ``sink``."""
 
@@ -146,26 +209,19 @@ class Receiver:
         max_buffer: int = MAX_RECEIVER_BUFFER,
     ) -> None:
         self._sink = sink
-        self._checkphrase = encode_checkphrase(checkphrase)
         self._timeout = idle_timeout
-        self._max_chunk_size = max_chunk_size
-        self._max_buffer = max_buffer
-
-        self.session_id: bytes | None = None
-        self._chunk_size = 0
-        self._window = 0
+        self._core: ReceiverCore[tuple[bytearray, int, _Conn]] = ReceiverCore(
+            encode_checkphrase(checkphrase), max_chunk_size=max_chunk_size,
+            max_buffer=max_buffer)
+        self._gate = _Gate()
         self._checksum: Checksum | None = None
-        self._features = 0
         self._pool: BufferPool | None = None
-
-        self._reorder: ReorderBuffer[tuple[bytearray, int, _Conn]] = ReorderBuffer(1)
+        self._scratch = memoryview(bytearray(SCRATCH_SIZE))
         # Chunks go to the sink by splice (no copy) when sink and connection allow it; the
         # sink then has two users, the writer task and a connection's direct chunk, in turn.
-        self._splice = bool(getattr(sink, "can_splice", False))
+        self._splice_sink = sink if isinstance(sink, SpliceSink) and sink.can_splice else None
         self._direct = False  # this session may splice (no checksum to verify)
         self._sink_busy = False
-        self._partial = 0  # bytes of chunk `written` already in the sink (a splice cut short)
-        self._splicing = -1  # the chunk on its way to the sink directly, if any
         self.spliced = 0  # chunks that went to the sink without a copy
         self._parked: dict[int, Notifier] = {}  # connections waiting for a chunk's turn, by seq
         self._arrived = Notifier()
@@ -174,13 +230,26 @@ class Receiver:
         self._conn_closed = Notifier()
         self._confirmed = anyio.Event()
         self._complete = anyio.Event()
-        self._succeeded = False
         self._error: ViamillipedeError | None = None
         self._last_activity = 0.0
         self._tg: anyio.abc.TaskGroup | None = None
         self._counters = Counters("rx")
 
     # -- public --------------------------------------------------------------------------
+
+    @property
+    def session_id(self) -> bytes | None:
+        return self._core.params.session_id if self._core.params else None
+
+    @property
+    def state(self) -> RxState:
+        return self._core.state
+
+    @property
+    def peak_buffer_bytes(self) -> int:
+        """The most memory chunk buffers ever held at once (bounded by the window)."""
+        params = self._core.params
+        return self._core.peak_buffers * params.chunk_size if params else 0
 
     def statistics(self) -> TransferStats:
         snap = self._counters.snapshot()
@@ -195,14 +264,10 @@ class Receiver:
         now = anyio.current_time()
         links = [link_stats(c.link, 0, now) for c in sorted(
             self._conns.values(), key=lambda c: c.index)]
-        return Report(
-            totals=self.statistics(),
-            window=self._window,
-            window_used=len(self._reorder),
-            reorder_depth=len(self._reorder),
-            connections=tuple(links),
-            targets=(),
-        )
+        window = self._core.params.window if self._core.params else 0
+        held = len(self._core.reorder)
+        return Report(totals=self.statistics(), window=window, window_used=held,
+                      reorder_depth=held, connections=tuple(links), targets=())
 
     def abort(self, reason: str = "interrupted") -> None:
         """Stop the session from outside (e.g. on Ctrl-C); the transmitter is told why."""
@@ -236,6 +301,7 @@ class Receiver:
             if self._error is not None:
                 await self._tell_everyone(Error(_error_code(self._error), str(self._error)))
             tg.cancel_scope.cancel()
+        self._gate.report(anyio.current_time())
         for conn in list(self._conns.values()):
             await _close(conn.stream)
         if self._error is not None:
@@ -244,7 +310,11 @@ class Receiver:
 
     async def handle(self, stream: anyio.abc.ByteStream) -> None:
         """Serve one connection until it closes, breaks or the session ends."""
-        name = getattr(stream, "peer", None) or "peer"
+        name = str(getattr(stream, "peer", None) or "peer")
+        if self._gate.pending >= MAX_PENDING:
+            self._counters.rejected += 1
+            await _close(stream)
+            return
         conn = _Conn(stream, name)
         try:
             await self._handle(conn)
@@ -259,7 +329,7 @@ class Receiver:
             self._fail(exc)
             # This connection leaves the live set below, before run() says ERROR to the
             # others: say it here, on the connection that carried the bad news.
-            with anyio.move_on_after(1.0), contextlib.suppress(*STREAM_ERRORS):
+            with anyio.move_on_after(BEST_EFFORT_TIMEOUT), contextlib.suppress(*STREAM_ERRORS):
                 await stream.send(encode(Error(_error_code(exc), str(exc))))
         finally:
             conn.closed = True
@@ -271,10 +341,10 @@ class Receiver:
     # -- plumbing ------------------------------------------------------------------------
 
     def _fail(self, exc: ViamillipedeError) -> None:
-        if self._error is None and not self._succeeded:
+        if self._error is None and self._core.state is not RxState.SUCCEEDED:
             self._error = exc
+            self._core.fail()
         self._complete.set()
-
 
     async def _guard(self, fn: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -288,7 +358,7 @@ class Receiver:
         conns = [c for c in self._conns.values() if not c.closed]
         for conn in conns:
             conn.queue(frame)
-        with anyio.move_on_after(1.0):
+        with anyio.move_on_after(BEST_EFFORT_TIMEOUT):
             for conn in conns:
                 while not conn.idle and not conn.closed:
                     await conn.drained.wait()
@@ -297,7 +367,7 @@ class Receiver:
         for conn in conns:
             with contextlib.suppress(*STREAM_ERRORS):
                 await conn.stream.send_eof()
-        with anyio.move_on_after(1.0):
+        with anyio.move_on_after(BEST_EFFORT_TIMEOUT):
             while any(not c.closed for c in conns):
                 await self._conn_closed.wait()
 
@@ -308,7 +378,7 @@ class Receiver:
             if now < deadline:
                 await anyio.sleep_until(deadline)
                 continue
-            if self.session_id is not None:
+            if self._core.params is not None:
                 raise PeerTimeout(
                     f"the transmitter has been silent for {self._timeout:g} s; "
                     f"{self.statistics().nbytes} bytes were delivered"
@@ -318,84 +388,67 @@ class Receiver:
 
     # -- admission -----------------------------------------------------------------------
 
-    def _admit(self, hello: Hello) -> WelcomeStatus:
-        if hello.version != PROTOCOL_VERSION:
-            return WelcomeStatus.BAD_VERSION
-        if hello.checkphrase != self._checkphrase:
-            return WelcomeStatus.BAD_CHECKPHRASE
-        if self._succeeded:
-            return WelcomeStatus.SESSION_OVER
-        if self._complete.is_set():
-            return WelcomeStatus.SESSION_FAILED
-        if self.session_id is not None:
-            if hello.session_id != self.session_id:
-                return WelcomeStatus.WRONG_SESSION
-            same = (hello.chunk_size, hello.window, hello.features) == (
-                self._chunk_size,
-                self._window,
-                self._features,
-            )
-            return WelcomeStatus.ACCEPTED if same else WelcomeStatus.BAD_PARAMETERS
-        checksum = hello.features & Feature.CHECKSUM_MASK
-        if (
-            not 1 <= hello.chunk_size <= self._max_chunk_size
-            or not 1 <= hello.window <= 4096
-            or hello.chunk_size * hello.window > self._max_buffer
-            or (checksum and checksum not in ALGORITHMS)
-            or hello.features & ~Feature.CHECKSUM_MASK
-        ):
-            return WelcomeStatus.BAD_PARAMETERS
-        self.session_id = hello.session_id
-        self._counters.started = time.monotonic()
-        self._chunk_size = hello.chunk_size
-        self._window = hello.window
-        self._features = hello.features
-        self._checksum = ALGORITHMS[checksum][1] if checksum else None
-        self._direct = self._splice and self._checksum is None
-        self._pool = BufferPool(hello.chunk_size, keep=hello.window + 8)
-        self._reorder = ReorderBuffer(hello.window)
-        log.info(
-            "session %s: chunk %d bytes, window %d, checksum %s",
-            hello.session_id.hex()[:12],
-            hello.chunk_size,
-            hello.window,
-            ALGORITHMS[checksum][0] if checksum else "off",
-        )
-        return WelcomeStatus.ACCEPTED
+    async def _hello(self, conn: _Conn, reader: FrameReader) -> Hello | None:
+        """The connection's HELLO, or None if it said nothing useful in time."""
+        self._gate.pending += 1
+        try:
+            with anyio.move_on_after(HANDSHAKE_TIMEOUT):
+                hello = await reader.next_event()
+                if isinstance(hello, ConnectionClosed):
+                    return None
+                assert isinstance(hello, Hello)  # the decoder accepts nothing else first
+                return hello
+        finally:
+            self._gate.pending -= 1
+        self._counters.rejected += 1
+        log.warning("dropped connection from %s: no HELLO within %g s", conn.name,
+                    HANDSHAKE_TIMEOUT)
+        return None
 
-    # -- one connection ------------------------------------------------------------------
+    def _bound(self) -> None:
+        """The first admitted HELLO fixed the session's parameters: set up for them."""
+        params = self._core.params
+        assert params is not None
+        self._counters.started = time.monotonic()
+        self._checksum = ALGORITHMS[params.checksum][1] if params.checksum else None
+        self._direct = self._splice_sink is not None and self._checksum is None
+        self._pool = BufferPool(params.chunk_size, keep=self._core.max_buffers)
+        log.info("session %s: chunk %d bytes, window %d, checksum %s",
+                 params.session_id.hex()[:12], params.chunk_size, params.window,
+                 ALGORITHMS[params.checksum][0] if params.checksum else "off")
 
     async def _handle(self, conn: _Conn) -> None:
-        stream = conn.stream
-        reader = FrameReader(stream, Decoder.for_receiver(stream_payload=True), greedy=False)
-        with anyio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
-            hello = await reader.next_event()
-        if handshake.cancelled_caught:
+        reader = FrameReader(conn.stream, Decoder.for_receiver(stream_payload=True), greedy=False)
+        hello = await self._hello(conn, reader)
+        if hello is None:
+            return
+        unbound = self._core.params is None
+        admission = self._core.admit(hello)
+        if not admission.accepted and not admission.session_over:
             self._counters.rejected += 1
-            log.warning("dropped connection from %s: no HELLO within %g s", conn.name,
-                        HANDSHAKE_TIMEOUT)
+            if await self._gate.answer_refusal(admission, conn.name):
+                await conn.stream.send(encode(admission.welcome))
             return
-        if isinstance(hello, ConnectionClosed):
-            return
-        assert isinstance(hello, Hello)  # the decoder accepts nothing else first
-        status = self._admit(hello)
-        await stream.send(encode(Welcome(int(status), self.session_id or bytes(16),
-                                         self._reorder.written)))
-        if status == WelcomeStatus.SESSION_OVER and hello.session_id == self.session_id:
+        await conn.stream.send(encode(admission.welcome))
+        if admission.session_over:
             # Our transmitter reconnected after losing BYE_OK: the WELCOME told it that every
             # chunk is written; its FIN confirms it heard that.
             log.info("told a reconnecting connection that the session is complete")
             await self._await_hangup(reader)
             return
-        if status != WelcomeStatus.ACCEPTED:
-            self._counters.rejected += 1
-            # A late connection of the session that just finished is routine.
-            level = logging.INFO if status == WelcomeStatus.SESSION_OVER else logging.WARNING
-            log.log(level, "rejected connection from %s: %s", conn.name, _REASONS[status])
-            return
+        if unbound:
+            self._bound()
+        self._join(conn, hello)
+        reader.decoder.max_payload = hello.chunk_size
+        with conn.scope, first_error():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._conn_sender, conn, tg.cancel_scope)
+                await self._receive_loop(conn, reader)
+                tg.cancel_scope.cancel()
+
+    def _join(self, conn: _Conn, hello: Hello) -> None:
         self._last_activity = anyio.current_time()
         self._counters.connections += 1
-        reader.decoder.max_payload = self._chunk_size
         conn.index = conn.link.index = hello.conn_index
         old = self._conns.get(conn.index)
         if old is not None:
@@ -404,55 +457,30 @@ class Receiver:
             self._counters.reconnects += 1
         self._conns[conn.index] = conn
         log.info("connection %d from %s accepted", conn.index, conn.name)
-        with conn.scope, first_error():
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._conn_sender, conn, tg.cancel_scope)
-                await self._receive_loop(conn, reader)
-                tg.cancel_scope.cancel()
 
     async def _conn_sender(self, conn: _Conn, scope: anyio.CancelScope) -> None:
         try:
-            await conn.sender(lambda: self._reorder.written)
+            await conn.sender(lambda: self._core.reorder.written)
         except STREAM_ERRORS as exc:
             level = logging.DEBUG if self._complete.is_set() else logging.WARNING
             log.log(level, "connection %d from %s broke: %s", conn.index, conn.name, exc)
             conn.closed = True
             scope.cancel()
 
+    # -- one connection ------------------------------------------------------------------
+
     async def _receive_loop(self, conn: _Conn, reader: FrameReader) -> None:
-        assert self._pool is not None
-        pool = self._pool
         while True:
             event = await reader.next_event()
             self._last_activity = anyio.current_time()
             if isinstance(event, DataHeader):
-                if self._direct and await self._my_turn(conn, reader, event.seq):
-                    self._splicing = event.seq
-                    try:
-                        await self._splice_chunk(conn, reader, event)
-                    finally:
-                        self._splicing = -1
-                        self._release_sink()
-                    continue
-                buf = pool.get()
-                try:
-                    view = memoryview(buf)[: event.length]
-                    await reader.read_payload_into(view)
-                    if self._checksum and self._checksum(view) != event.checksum:
-                        raise LinkBroken(f"checksum mismatch in chunk {event.seq}; discarded")
-                except BaseException:
-                    pool.put(buf)
-                    raise
-                self._file_chunk(event.seq, buf, event.length, conn)
-                conn.queue(event.seq)
-                conn.link.chunks += 1
-                conn.link.nbytes += event.length
+                await self._on_data(conn, reader, event)
             elif isinstance(event, Bye):
-                await self._finish(conn, event)
+                await self._on_bye(conn, event)
                 await self._await_hangup(reader)
                 return
             elif isinstance(event, Fin):
-                if self._succeeded:
+                if self._core.state is RxState.SUCCEEDED:
                     self._confirmed.set()
                 return
             elif isinstance(event, Error):
@@ -460,9 +488,51 @@ class Receiver:
             elif isinstance(event, ConnectionClosed):
                 log.info("connection %d from %s closed", conn.index, conn.name)
                 return
-            else:  # pragma: no cover - Data only comes from non-streaming decoders
-                assert isinstance(event, Data)
-                raise ProtocolError("unexpected whole DATA event")
+            else:  # pragma: no cover - a streaming receiver decoder yields nothing else
+                raise ProtocolError(f"unexpected {type(event).__name__}")
+
+    async def _on_data(self, conn: _Conn, reader: FrameReader, header: DataHeader) -> None:
+        claim = self._core.data(header.seq, header.length)
+        if claim is not Claim.RECEIVE:
+            await self._discard(reader, header.length)
+            if claim is Claim.DISCARD_ACK:
+                self._counters.duplicates += 1
+                conn.queue(header.seq)
+            return
+        if self._direct and await self._my_turn(conn, reader, header.seq):
+            try:
+                await self._splice_chunk(conn, reader, header)
+            finally:
+                self._core.turn_over()
+                self._release_sink()
+            return
+        assert self._pool is not None
+        buf = self._pool.get()
+        try:
+            view = memoryview(buf)[: header.length]
+            await reader.read_payload_into(view)
+            if self._checksum and self._checksum(view) != header.checksum:
+                raise LinkBroken(f"checksum mismatch in chunk {header.seq}; discarded")
+        except BaseException:
+            self._core.abandoned(header.seq)
+            self._pool.put(buf)
+            raise
+        if self._core.received(header.seq, (buf, header.length, conn)):
+            if header.seq == self._core.reorder.written:
+                self._arrived.notify()
+        else:
+            self._pool.put(buf)
+            self._counters.duplicates += 1
+        conn.queue(header.seq)
+        conn.link.chunks += 1
+        conn.link.nbytes += header.length
+
+    async def _discard(self, reader: FrameReader, length: int) -> None:
+        """Read and drop a payload we do not need, through a small scratch buffer."""
+        while length:
+            n = min(length, SCRATCH_SIZE)
+            await reader.read_payload_into(self._scratch[:n])
+            length -= n
 
     # -- chunks straight to the sink -----------------------------------------------------
 
@@ -473,11 +543,9 @@ class Receiver:
         Leaving the payload in the socket meanwhile is what lets it skip our memory; the
         kernel's socket buffer holds it, and the transmitter's window bounds how much.
         """
-        if not isinstance(conn.stream, SocketStream) or reader.decoder.buffered:
+        if not isinstance(conn.stream, SpliceTo) or reader.decoder.buffered:
             return False
-        reorder = self._reorder
-        if not reorder.written <= seq < reorder.written + reorder.window:
-            return False  # a duplicate or a violation: the buffered path knows what to do
+        reorder = self._core.reorder
         # Woken only when this chunk's turn may have come, not at every chunk written.
         turn = self._parked.setdefault(seq, Notifier())
         try:
@@ -487,14 +555,14 @@ class Receiver:
         finally:
             if self._parked.get(seq) is turn:
                 del self._parked[seq]
-        if reorder.written != seq or self._sink_busy or reorder.ready() is not None:
+        if self._sink_busy or not self._core.take_turn(seq):
             return False
         self._sink_busy = True
         return True
 
     def _next_turn(self) -> None:
         """The sink is free: wake the connection holding the next chunk, if one waits."""
-        turn = self._parked.get(self._reorder.written)
+        turn = self._parked.get(self._core.reorder.written)
         if turn is not None:
             turn.notify()
 
@@ -505,39 +573,28 @@ class Receiver:
 
     async def _splice_chunk(self, conn: _Conn, reader: FrameReader, header: DataHeader) -> None:
         """Move chunk ``header.seq`` (our turn, sink held) from the socket to the sink."""
-        assert isinstance(conn.stream, SocketStream) and self._pool is not None
+        assert isinstance(conn.stream, SpliceTo) and self._splice_sink is not None
+        core = self._core
         length = header.length
-        if self._partial:
-            # A splice of this chunk broke off earlier: its first bytes are out already.
-            if length < self._partial:
-                raise ProtocolViolation(
-                    f"chunk {header.seq} came again shorter ({length} bytes) than the "
-                    f"{self._partial} bytes already written of it"
-                )
-            scratch = self._pool.get()
-            try:
-                await reader.read_payload_into(memoryview(scratch)[: self._partial])
-            finally:
-                self._pool.put(scratch)
+        done = core.resume(header.seq, length)
+        if done:  # a splice of this chunk broke off earlier: its first bytes are out already
+            await self._discard(reader, done)
 
         def moved(n: int) -> None:
             reader.decoder.payload_consumed(n)
-            self._partial += n
+            core.partial += n
 
         try:
-            await self._sink.splice_from(  # type: ignore[attr-defined]  # can_splice said so
-                conn.stream, length - self._partial, moved
-            )
+            await conn.stream.splice_to(self._splice_sink, length - done, moved)
         except STREAM_ERRORS as exc:
             raise LinkBroken(str(exc) or type(exc).__name__) from exc
-        self._partial = 0
         self.spliced += 1
-        self._reorder.skip()
-        self._chunk_written(header.seq, length, conn)
+        self._chunk_written(length, conn, buffered=False)
         conn.link.chunks += 1
         conn.link.nbytes += length
 
-    def _chunk_written(self, seq: int, length: int, conn: _Conn) -> None:
+    def _chunk_written(self, length: int, conn: _Conn, *, buffered: bool) -> None:
+        seq = self._core.written(length, buffered=buffered)
         self._counters.nbytes += length
         self._counters.chunks += 1
         self._progress.notify()
@@ -548,43 +605,19 @@ class Receiver:
         if target is not None:
             target.queue(seq)
 
-    def _file_chunk(self, seq: int, buf: bytearray, length: int, conn: _Conn) -> None:
-        assert self._pool is not None
-        if seq == self._splicing:  # another copy is going to the sink right now
-            verdict = Offer.DUPLICATE
-        else:
-            verdict = self._reorder.offer(seq, (buf, length, conn))
-        if verdict is Offer.ACCEPTED:
-            if seq == self._reorder.written:
-                self._arrived.notify()
-            return
-        self._pool.put(buf)
-        if verdict is Offer.DUPLICATE:
-            self._counters.duplicates += 1
-            return
-        raise ProtocolError(
-            f"chunk {seq} is beyond the window ({self._reorder.written} + {self._window})"
-        )
+    # -- the end -------------------------------------------------------------------------
 
-    async def _finish(self, conn: _Conn, bye: Bye) -> None:
-        missing = self._reorder.missing(bye.chunks)
-        if missing or bye.chunks < self._reorder.written:
-            raise TruncatedStream(
-                f"the transmitter ended the stream at {bye.chunks} chunks but "
-                f"{len(missing) or 'extra'} chunks disagree; output is incomplete"
-            )
-        while self._reorder.written < bye.chunks:
+    async def _on_bye(self, conn: _Conn, bye: Bye) -> None:
+        core = self._core
+        core.bye(bye)
+        while (answer := core.bye_answer()) is None:
             await self._progress.wait()
-        if self._counters.nbytes != bye.nbytes:
-            raise TruncatedStream(
-                f"wrote {self._counters.nbytes} bytes, the transmitter sent {bye.nbytes}"
-            )
-        await self._sink.flush()
-        frame = encode(ByeOk(bye.chunks, bye.nbytes))
-        if self._succeeded:  # a BYE sent again after its connection broke
+        if core.state is not RxState.SUCCEEDED:
+            await self._sink.flush()
+        frame = encode(answer)
+        if not core.succeed():  # a BYE sent again after its connection broke
             conn.queue(frame, final=True)
             return
-        self._succeeded = True
         # On every live connection, so that one lost reply cannot leave the transmitter
         # unsure of a complete transfer.
         for other in self._conns.values():
@@ -618,29 +651,22 @@ class Receiver:
 
     async def _writer(self) -> None:
         sink = self._sink
+        core = self._core
         while True:
-            reorder = self._reorder  # replaced when the session is bound
-            if self._sink_busy or (ready := reorder.ready()) is None:
+            if self._sink_busy or (ready := core.reorder.ready()) is None:
                 await self._arrived.wait()
                 continue
             # Stays in the reorder buffer while being written, so BYE sees it as present.
             buf, length, conn = ready
-            if length < self._partial:
-                raise ProtocolViolation(
-                    f"chunk {reorder.written} came again shorter ({length} bytes) than the "
-                    f"{self._partial} bytes already written of it"
-                )
+            done = core.resume(core.reorder.written, length)
             self._sink_busy = True
             try:
-                await sink.write(memoryview(buf)[self._partial : length])
+                await sink.write(memoryview(buf)[done:length])
             finally:
                 self._sink_busy = False
-            self._partial = 0
-            seq = reorder.written
-            reorder.advance()
+            self._chunk_written(length, conn, buffered=True)
             assert self._pool is not None
             self._pool.put(buf)
-            self._chunk_written(seq, length, conn)
             self._next_turn()
 
 
@@ -653,16 +679,6 @@ def _error_code(error: ViamillipedeError) -> int:
     if isinstance(error, TruncatedStream):
         return int(ErrorCode.TOTALS_MISMATCH)
     return int(ErrorCode.ABORTED)
-
-
-_REASONS: dict[WelcomeStatus, str] = {
-    WelcomeStatus.BAD_VERSION: "unsupported protocol version",
-    WelcomeStatus.BAD_CHECKPHRASE: "wrong checkphrase",
-    WelcomeStatus.WRONG_SESSION: "it belongs to another session (a second or stale transmitter)",
-    WelcomeStatus.BAD_PARAMETERS: "chunk size, window or features out of bounds",
-    WelcomeStatus.SESSION_OVER: "the session is already complete",
-    WelcomeStatus.SESSION_FAILED: "the session has failed",
-}
 
 
 async def _close(stream: Any) -> None:

@@ -107,7 +107,9 @@ def typed_frame(ftype: int) -> st.SearchStrategy[bytes]:
     body = frames.BODIES[ftype]
     size = body.sizeof()
     if ftype in (frames.T_DATA, frames.T_ERROR):
-        return st.binary(max_size=SMALL_PAYLOAD).flatmap(
+        # A DATA frame carries at least one byte: an empty one is refused.
+        least = 1 if ftype == frames.T_DATA else 0
+        return st.binary(min_size=least, max_size=SMALL_PAYLOAD).flatmap(
             lambda tail: st.binary(min_size=size, max_size=size).map(
                 lambda fixed: bytes([ftype]) + _with_length(ftype, fixed, len(tail)) + tail
             )

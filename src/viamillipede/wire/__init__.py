@@ -11,7 +11,7 @@ from .codec import (
     encode_ack,
     pack_data_header,
 )
-from .errors import ProtocolError
+from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .events import (
     Ack,
     Bye,
@@ -27,8 +27,10 @@ from .events import (
 )
 from .frames import (
     DATA_HEADER_SIZE,
+    ERROR_MEANING,
     MAGIC,
     PROTOCOL_VERSION,
+    WELCOME_MEANING,
     ErrorCode,
     Feature,
     WelcomeStatus,
@@ -37,9 +39,11 @@ from .frames import (
 __all__ = [
     "ABSOLUTE_MAX_PAYLOAD",
     "DATA_HEADER_SIZE",
+    "ERROR_MEANING",
     "MAGIC",
     "NEED_DATA",
     "PROTOCOL_VERSION",
+    "WELCOME_MEANING",
     "Ack",
     "Bye",
     "ByeOk",
@@ -53,7 +57,9 @@ __all__ = [
     "Feature",
     "Fin",
     "Hello",
+    "LocalProtocolError",
     "ProtocolError",
+    "RemoteProtocolError",
     "Welcome",
     "WelcomeStatus",
     "encode",

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from construct import ConstructError
 
-from .errors import ProtocolError
+from .errors import RemoteProtocolError
 from .events import (
     Ack,
     Bye,
@@ -221,7 +221,7 @@ class Decoder:
         """The next complete event, :data:`NEED_DATA`, or :class:`ProtocolError`."""
         if self._state is _State.PAYLOAD:
             if self._eof and self.buffered < self._remaining:
-                raise ProtocolError("connection closed inside a DATA payload")
+                raise RemoteProtocolError("connection closed inside a DATA payload")
             raise RuntimeError("take the pending DATA payload before asking for the next event")
         have = self.buffered
         if have == 0:
@@ -229,7 +229,7 @@ class Decoder:
                 return ConnectionClosed()
             return NEED_DATA
         if self._state is _State.FINISHED:
-            raise ProtocolError("bytes after the final frame of the connection")
+            raise RemoteProtocolError("bytes after the final frame of the connection")
         buf = self._buf
         pos = self._pos
         ftype = buf[pos]
@@ -237,15 +237,17 @@ class Decoder:
         if ftype not in expected:
             name = _FRAME_NAMES.get(ftype)
             if name is None:
-                raise ProtocolError(f"unknown frame type 0x{ftype:02x}")
-            raise ProtocolError(f"unexpected {name} frame in state {self._state.value}")
+                raise RemoteProtocolError(f"unknown frame type 0x{ftype:02x}")
+            raise RemoteProtocolError(f"unexpected {name} frame in state {self._state.value}")
         size = FIXED_SIZE[ftype]
         if have < size:
             return self._need(f"truncated {_FRAME_NAMES[ftype]} frame")
         if ftype == T_DATA:
             _, seq, length, checksum = DATA_HEADER.unpack_from(buf, pos)
+            if length == 0:
+                raise RemoteProtocolError("DATA frame with no payload")
             if length > self.max_payload:
-                raise ProtocolError(
+                raise RemoteProtocolError(
                     f"DATA frame of {length} bytes exceeds the negotiated {self.max_payload}"
                 )
             if self._stream_payload:
@@ -267,7 +269,7 @@ class Decoder:
             parsed = ERROR_BODY.parse(bytes(buf[pos + 1 : pos + size]))
             length = parsed.length
             if length > MAX_ERROR_TEXT:
-                raise ProtocolError(f"ERROR text of {length} bytes is too long")
+                raise RemoteProtocolError(f"ERROR text of {length} bytes is too long")
             if have < size + length:
                 return self._need("truncated ERROR frame")
             text = bytes(buf[pos + size : pos + size + length]).decode("utf-8", "replace")
@@ -278,11 +280,11 @@ class Decoder:
         self._pos = pos + size
         if ftype == T_HELLO:
             if body[:4] != MAGIC:
-                raise ProtocolError("bad magic: the peer does not speak viamillipede")
+                raise RemoteProtocolError("bad magic: the peer does not speak viamillipede")
             try:
                 h = HELLO_BODY.parse(body)
             except ConstructError as exc:  # pragma: no cover - the magic check comes first
-                raise ProtocolError(f"malformed HELLO: {exc}") from None
+                raise RemoteProtocolError(f"malformed HELLO: {exc}") from None
             self._state = _State.OPEN
             return Hello(
                 checkphrase=h.checkphrase,
@@ -311,7 +313,7 @@ class Decoder:
 
     def _need(self, what: str) -> _NeedData:
         if self._eof:
-            raise ProtocolError(f"connection closed inside a frame ({what})")
+            raise RemoteProtocolError(f"connection closed inside a frame ({what})")
         return NEED_DATA
 
 

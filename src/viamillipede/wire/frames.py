@@ -69,6 +69,30 @@ class Feature(IntEnum):
     ENCRYPTION_MASK = 0x00000F00
 
 
+#: What each WELCOME status tells the transmitter, in one place for both ends' messages.  Only
+#: ACCEPTED, and SESSION_OVER for the transmitter's own session, carry the session id and
+#: progress: anything else is an answer to a client that has not proved it belongs.
+WELCOME_MEANING: dict[WelcomeStatus, str] = {
+    WelcomeStatus.ACCEPTED: "accepted into the session",
+    WelcomeStatus.BAD_VERSION: "unsupported protocol version",
+    WelcomeStatus.BAD_CHECKPHRASE: "wrong checkphrase",
+    WelcomeStatus.WRONG_SESSION: "it belongs to another session (a second or stale transmitter)",
+    WelcomeStatus.BAD_PARAMETERS: "chunk size, window, features or connection number out of bounds",
+    WelcomeStatus.SESSION_OVER: "the session is already complete",
+    WelcomeStatus.SESSION_FAILED: "the session has failed",
+}
+
+#: Why a peer abandons the session, as the other end reports it.
+ERROR_MEANING: dict[ErrorCode, str] = {
+    ErrorCode.SINK_FAILED: "the receiver's output failed",
+    ErrorCode.SOURCE_FAILED: "the transmitter's input failed",
+    ErrorCode.PROTOCOL: "the peer broke the protocol",
+    ErrorCode.ABORTED: "the peer aborted",
+    ErrorCode.TOTALS_MISMATCH: "the totals at the end disagree",
+    ErrorCode.TIMEOUT: "the peer timed out waiting for us",
+}
+
+
 HELLO_BODY = Struct(
     "magic" / Const(MAGIC),
     "version" / Int16ub,
