@@ -424,6 +424,8 @@ class Receiver:
             return
         unbound = self._core.params is None
         admission = self._core.admit(hello)
+        if unbound and self._core.params is not None:
+            self._bound()  # before any await: the next connection may bring DATA at once
         if not admission.accepted and not admission.session_over:
             self._counters.rejected += 1
             if await self._gate.answer_refusal(admission, conn.name):
@@ -436,8 +438,6 @@ class Receiver:
             log.info("told a reconnecting connection that the session is complete")
             await self._await_hangup(reader)
             return
-        if unbound:
-            self._bound()
         self._join(conn, hello)
         reader.decoder.max_payload = hello.chunk_size
         with conn.scope, first_error():
@@ -517,13 +517,15 @@ class Receiver:
             self._core.abandoned(header.seq)
             self._pool.put(buf)
             raise
-        if self._core.received(header.seq, (buf, header.length, conn)):
+        filed = self._core.received(header.seq, (buf, header.length, conn))
+        if filed is Claim.RECEIVE:
             if header.seq == self._core.reorder.written:
                 self._arrived.notify()
         else:
             self._pool.put(buf)
             self._counters.duplicates += 1
-        conn.queue(header.seq)
+        if filed is not Claim.DISCARD:
+            conn.queue(header.seq)
         conn.link.chunks += 1
         conn.link.nbytes += header.length
 

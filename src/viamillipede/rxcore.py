@@ -208,14 +208,20 @@ class ReceiverCore(Generic[T]):
         self.peak_buffers = max(self.peak_buffers, self.buffers)
         return Claim.RECEIVE
 
-    def received(self, seq: int, item: T) -> bool:
-        """A claimed chunk arrived whole; False: another copy won, give its buffer back."""
+    def received(self, seq: int, item: T) -> Claim:
+        """A claimed chunk arrived whole.  RECEIVE: it is filed.  DISCARD_ACK: another copy
+        was here first; give the buffer back, acknowledge it.  DISCARD: another copy is on
+        its way to the sink right now; give the buffer back and do not acknowledge, for if
+        that copy fails the transmitter must still hold the chunk."""
         self._unclaim(seq)
+        if seq == self._direct or (self._bye is not None and seq >= self._bye.chunks):
+            self.buffers -= 1
+            return Claim.DISCARD
         verdict = self.reorder.offer(seq, item)
         if verdict is Offer.ACCEPTED:
-            return True
+            return Claim.RECEIVE
         self.buffers -= 1
-        return False
+        return Claim.DISCARD_ACK
 
     def abandoned(self, seq: int) -> None:
         """A claimed chunk will not arrive (its connection broke or its checksum failed)."""
@@ -233,6 +239,8 @@ class ReceiverCore(Generic[T]):
         arrive meanwhile are dropped unacknowledged (if this one fails, they are re-sent)."""
         if seq != self.reorder.written or self.reorder.ready() is not None:
             return False
+        if self._bye is not None and seq >= self._bye.chunks:
+            return False  # past the end: it lands in a buffer, to be dropped
         self.abandoned(seq)
         self._direct = seq
         return True
@@ -259,6 +267,8 @@ class ReceiverCore(Generic[T]):
         nothing is missing below it.  Raises TruncatedStream otherwise (the session fails)."""
         if self.state is RxState.SUCCEEDED:
             return  # sent again after its connection broke: answered the same
+        if self.state is not RxState.RECEIVING and self.state is not RxState.ENDING:
+            raise RemoteProtocolError(f"BYE while the session is {self.state.value}")
         if self._bye is not None and self._bye != bye:
             raise RemoteProtocolError(f"a second BYE with other totals ({bye} after {self._bye})")
         written = self.reorder.written
@@ -270,6 +280,10 @@ class ReceiverCore(Generic[T]):
             raise TruncatedStream(
                 f"the transmitter ended the stream at {bye.chunks} chunks, beyond the window "
                 f"({written} written); output is incomplete")
+        if self.reorder.holds_from(bye.chunks):
+            raise TruncatedStream(
+                f"the transmitter ended the stream at {bye.chunks} chunks but chunks beyond "
+                "that arrived; the stream cannot be trusted")
         missing = self.reorder.missing(bye.chunks)
         if missing:
             raise TruncatedStream(
