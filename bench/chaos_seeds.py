@@ -90,7 +90,7 @@ def main() -> int:
     ap.add_argument("--first-seed", type=int, default=1)
     ap.add_argument("--size", default="64M")
     ap.add_argument("--threads", type=int, default=6)
-    ap.add_argument("--chunk-size", default="256K")
+    ap.add_argument("--chunk-size", default="256KiB")
     ap.add_argument("--rate", type=float, default=0.02)
     ap.add_argument("--checksum", action="store_true", help="also inject corruption")
     ap.add_argument("--rerun", type=int, default=10, help="seeds to run twice, comparing logs")

@@ -1,15 +1,19 @@
 """The command line: both grammars into one Config, usage errors, help, and main's exit codes.
 
-Everything here runs in-process (``cli.parse`` / ``cli.main(argv, run=fake)``), except one
-check that a real ``python -m viamillipede`` with bad arguments exits 2 without a traceback.
+Everything here runs in-process (``cli.parse`` / ``cli.main(argv, run=fake)``), except a few
+checks that a real ``python -m viamillipede`` with bad arguments (or a name that does not
+resolve) exits 2 without a traceback.  Names that must not resolve end in ``.invalid``, which
+RFC 6761 reserves for exactly that: no test needs a network beyond loopback.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -24,6 +28,7 @@ from viamillipede.errors import (
     TruncatedStream,
 )
 from viamillipede.options import DEFAULT_CHECKPHRASE, DEFAULT_CHUNK_SIZE, DEFAULT_THREADS
+from viamillipede.stats import LimitStats, Report, TargetStats, TransferStats
 
 SEED_TX = "tx HOST 8834 tx HOST2 8834 threads 8 checksum chaos 1731 checkphrase wat! verbose 3"
 
@@ -47,11 +52,19 @@ class FakeRun:
             raise self.exc
 
 
+def resolve_anything(host: str, port: int, passive: bool) -> object:
+    """A resolver for which every name exists (``HOST``, ``h``...): parsing tests need none."""
+    return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+
 def run_main(
-    argv: list[str], capsys: pytest.CaptureFixture[str], exc: BaseException | None = None
+    argv: list[str],
+    capsys: pytest.CaptureFixture[str],
+    exc: BaseException | None = None,
+    resolve: cli.Resolver = resolve_anything,
 ) -> tuple[int, str, str, FakeRun]:
     fake = FakeRun(exc)
-    code = cli.main(argv, run=fake)
+    code = cli.main(argv, run=fake, resolve=resolve)
     out, err = capsys.readouterr()
     return code, out, err, fake
 
@@ -142,10 +155,27 @@ def test_help_word() -> None:
         ("--tx=HOST:8834", "targets", [("HOST", 8834)]),
         ("--tx=[::1]:8834", "targets", [("::1", 8834)]),
         ("--tx HOST 1 --tx=HOST2:2", "targets", [("HOST", 1), ("HOST2", 2)]),
-        ("tx h 1 --chunk-size 512K", "chunk_size", 512 * 1024),
-        ("tx h 1 --chunk-size=2M", "chunk_size", 2 * 1024 * 1024),
+        ("tx h 1 --chunk-size 512K", "chunk_size", 512_000),
+        ("tx h 1 --chunk-size 512k", "chunk_size", 512_000),
+        ("tx h 1 --chunk-size=2M", "chunk_size", 2_000_000),
+        ("tx h 1 --chunk-size 2MB", "chunk_size", 2_000_000),
         ("tx h 1 --chunk-size 64KiB", "chunk_size", 64 * 1024),
+        ("tx h 1 --chunk-size 64Ki", "chunk_size", 64 * 1024),
+        ("tx h 1 --chunk-size=2MiB", "chunk_size", 2 * 1024 * 1024),
         ("tx h 1 --chunk-size 524288", "chunk_size", 524288),
+        ("tx h 1 --size 300M", "size", 300_000_000),
+        ("tx h 1 --size 300MiB", "size", 300 * 1024 * 1024),
+        ("tx h 1 --size 1.5G", "size", 1_500_000_000),
+        ("tx h 1 --size 0", "size", 0),
+        ("tx h 1 limit 50M", "limit", 50e6),
+        ("tx h 1 --limit 50M", "limit", 50e6),
+        ("tx h 1 --limit=50M", "limit", 50e6),
+        ("rx 1 limit 10MiB", "limit", 10 * 1024 * 1024),
+        ("rx 1 limit 2.5k", "limit", 2500),
+        ("rx 1 limit 1G/s", "limit", 1e9),
+        ("rx 1 limit 125000", "limit", 125_000),
+        ("tx h 1 retry-resolve", "retry_resolve", True),
+        ("tx h 1 --retry-resolve", "retry_resolve", True),
         ("tx h 1 --timeout 5", "timeout", 5.0),
         ("tx h 1 --timeout=0.5", "timeout", 0.5),
         ("rx 1 --listen 127.0.0.1", "listen", "127.0.0.1"),
@@ -156,6 +186,13 @@ def test_help_word() -> None:
         ("rx 1 --quiet", "verbose", 0),
         ("rx 1 -v", "verbose", 2),
         ("rx 1 -v -v", "verbose", 3),
+        ("rx 1 -vv", "verbose", 3),
+        ("rx 1 -vvv", "verbose", 4),
+        ("rx 1 -v 0", "verbose", 0),
+        ("rx 1 -v 2", "verbose", 2),
+        ("-v 3 rx 1", "verbose", 3),
+        ("rx 1 -v2", "verbose", 2),
+        ("rx 1 -v checksum", "verbose", 2),
         ("rx 1 --verbose 3", "verbose", 3),
         ("rx 1 --verbose=0", "verbose", 0),
         ("tx h 1 --checkphrase wat!", "checkphrase", "wat!"),
@@ -180,6 +217,9 @@ def test_gnu_flag(argv: str, field: str, value: object) -> None:
         ("rx 8834 verbose 2 checkphrase abcd", "-v --checkphrase abcd --rx=8834"),
         ("tx h 9 threads 1 timeout 2.5", "--threads 1 --tx=h:9 --timeout 2.5"),
         ("tx h 9 checksums threads 64", "--tx h 9 --checksum --threads=64"),
+        ("tx h 9 limit 50M retry-resolve", "--tx h 9 --limit=50M --retry-resolve"),
+        ("rx 8834 verbose 2", "rx 8834 -v 2"),
+        ("rx 8834 verbose 3", "rx 8834 -vv"),
     ],
 )
 def test_both_spellings_give_equal_config(seed: str, gnu: str) -> None:
@@ -187,7 +227,7 @@ def test_both_spellings_give_equal_config(seed: str, gnu: str) -> None:
 
 
 def test_spellings_mix() -> None:
-    assert parse("tx h 1 --threads 8 checksum --chunk-size 512K") == Config(
+    assert parse("tx h 1 --threads 8 checksum --chunk-size 512KiB") == Config(
         mode="tx", targets=[("h", 1)], threads=8, checksum=True, chunk_size=512 * 1024
     )
 
@@ -249,6 +289,16 @@ USAGE_ERRORS = {
     "--listen with tx": "tx h 1 --listen 127.0.0.1",
     "--checksum=off": "tx h 1 --checksum=off",
     "--quiet=no": "rx 1 --quiet=no",
+    "--retry-resolve=yes": "tx h 1 --retry-resolve=yes",
+    "retry-resolve with rx": "rx 1 retry-resolve",
+    "limit without value": "tx h 1 limit",
+    "limit not a rate": "tx h 1 limit fast",
+    "limit zero": "rx 1 limit 0",
+    "limit below 1k": "rx 1 limit 999",
+    "limit unknown suffix": "rx 1 limit 5X",
+    "-v level too high": "rx 1 -v 10",
+    "-vx": "rx 1 -vx",
+    "size not a size": "tx h 1 --size lots",
 }
 
 
@@ -276,6 +326,11 @@ def test_usage_error(argv: str, capsys: pytest.CaptureFixture[str]) -> None:
         ("rx 8834 tx h 1", ["rx", "tx"]),
         ("tx h 1 --listen 127.0.0.1", ["--listen"]),
         ("tx HOST", ["PORT"]),
+        ("rx 1 limit fast", ["limit", "fast", "50M"]),
+        ("rx 1 limit 999", ["limit", "1000"]),
+        ("rx 1 retry-resolve", ["retry-resolve", "tx"]),
+        ("rx 1 checkphrase", ["checkphrase", "4 bytes"]),
+        ("tx h 1 --chunk-size 12Q", ["--chunk-size", "12Q", "2MiB"]),
     ],
 )
 def test_usage_error_names_the_problem(
@@ -384,3 +439,210 @@ def test_main_quiet_still_prints_errors(capsys: pytest.CaptureFixture[str]) -> N
     code, _, err, _ = run_main(["rx", "8834", "-q"], capsys, PeerTimeout("silent"))
     assert code == 4
     assert "silent" in err
+
+
+# -- names are resolved before anything starts -----------------------------------------------
+
+BAD_NAME = "no-such-host.invalid"  # RFC 6761: never resolves, and fails without a network
+
+
+def test_a_target_that_does_not_resolve_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err, fake = run_main(["tx", BAD_NAME, "39305"], capsys,
+                                    resolve=cli._resolve)
+    assert code == ExitCode.USAGE
+    assert out == ""
+    assert fake.configs == [], "the session started though a target does not resolve"
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"viamillipede: cannot resolve {BAD_NAME}: ")
+
+
+def test_every_target_is_resolved(capsys: pytest.CaptureFixture[str]) -> None:
+    """A good first target does not excuse a bad second one; each name is asked once."""
+    asked: list[tuple[str, int, bool]] = []
+
+    def resolve(host: str, port: int, passive: bool) -> object:
+        asked.append((host, port, passive))
+        return cli._resolve(host, port, passive)
+
+    argv = ["tx", "127.0.0.1", "1", "tx", "127.0.0.1", "1", "tx", BAD_NAME, "2"]
+    code, _, err, fake = run_main(argv, capsys, resolve=resolve)
+    assert code == ExitCode.USAGE
+    assert BAD_NAME in err and fake.configs == []
+    assert asked == [("127.0.0.1", 1, False), (BAD_NAME, 2, False)]
+
+
+def test_targets_that_resolve_start_the_session(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["tx", "127.0.0.1", "1", "tx", "localhost", "2", "tx", "::1", "3"]
+    code, _, err, fake = run_main(argv, capsys, resolve=cli._resolve)
+    assert (code, err) == (0, "")
+    assert len(fake.configs) == 1
+
+
+def test_retry_resolve_starts_the_session_anyway(capsys: pytest.CaptureFixture[str]) -> None:
+    """With retry-resolve the session starts and keeps trying the name (until its timeout)."""
+
+    def refuse(host: str, port: int, passive: bool) -> object:
+        raise AssertionError(f"resolved {host} although retry-resolve was given")
+
+    code, _, err, fake = run_main(["tx", BAD_NAME, "1", "retry-resolve"], capsys, resolve=refuse)
+    assert (code, err) == (0, "")
+    assert fake.configs[0].retry_resolve is True
+
+
+def test_a_listen_address_that_does_not_resolve_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err, fake = run_main(["rx", "8834", "--listen", "nosuch.invalid"], capsys,
+                                  resolve=cli._resolve)
+    assert code == ExitCode.USAGE
+    assert fake.configs == []
+    assert len(err.splitlines()) == 1, err
+    assert "--listen address nosuch.invalid" in err
+    assert err.startswith("viamillipede: cannot resolve ")
+
+
+def test_a_listen_address_that_resolves_is_accepted(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, _, fake = run_main(["rx", "8834", "--listen", "127.0.0.1"], capsys,
+                                resolve=cli._resolve)
+    assert code == 0 and len(fake.configs) == 1
+
+
+def test_a_temporary_resolver_failure_suggests_retry_resolve(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def down(host: str, port: int, passive: bool) -> object:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    code, _, err, _ = run_main(["tx", "backup1", "8834"], capsys, resolve=down)
+    assert code == ExitCode.USAGE
+    assert "cannot resolve backup1: Temporary failure" in err
+    assert "retry-resolve" in err
+
+
+def test_a_name_that_does_not_resolve_in_a_real_process() -> None:
+    """What a user sees: at once, one line naming the host, exit 2 (not 60 s, then exit 4)."""
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "viamillipede", "tx", BAD_NAME, "39305"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    took = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"viamillipede: cannot resolve {BAD_NAME}: ")
+    assert took < 20, f"took {took:.1f} s"
+
+
+# -- units: one convention ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("0", 0), ("512", 512), ("1k", 1000), ("1K", 1000), ("1KB", 1000), ("1kb", 1000),
+        ("1KiB", 1024), ("1Ki", 1024), ("1M", 10**6), ("1MiB", 2**20), ("1G", 10**9),
+        ("1GiB", 2**30), ("1T", 10**12), ("1TiB", 2**40), ("1.5M", 1_500_000), (".5k", 500),
+        ("300M", 300_000_000), (" 2M ", 2_000_000), ("9223372036854775807", 2**63 - 1),
+    ],
+)
+def test_quantities_are_decimal_and_binary_with_an_i(text: str, value: int) -> None:
+    assert cli.quantity(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "M", "1X", "1MM", "-1M", "1e6", "1 M B s", "1iB", "k1"])
+def test_not_quantities(text: str) -> None:
+    assert cli.quantity(text) is None
+
+
+def test_help_states_the_unit_convention() -> None:
+    units = cli.HELP.split("Units:\n", 1)[1].split("\n\n", 1)[0]
+    assert "decimal" in units and "2M = 2000000" in units
+    assert "2KiB = 2048" in units and "MB = 1000000 bytes" in units
+
+
+def test_help_teaches_the_new_words() -> None:
+    for text in ("limit RATE", "--limit RATE", "retry-resolve", "--retry-resolve",
+                 "-v N", "-vv", "4 bytes both ends"):
+        assert text in cli.HELP, text
+    assert "4 characters both ends" not in cli.HELP
+
+
+# -- the reports: a target's share, the limit ------------------------------------------------
+
+
+def _report(limit: LimitStats | None = None) -> Report:
+    totals = TransferStats("tx", 10, 1, 0.5, 1, 0, 0, 0, 0)
+    target = TargetStats("h:1", 10, 1.0, True, 1, None)
+    return Report(totals, 4, 0, 0, (), (target,), limit)
+
+
+def test_a_targets_percentage_reads_as_its_share() -> None:
+    line = next(li for li in _report().render().splitlines() if li.startswith("  target"))
+    assert line == "  target h:1: up (1 connections), 10 bytes, share 100% of all sent"
+
+
+def test_the_report_shows_the_limit_only_when_there_is_one() -> None:
+    assert "limit" not in _report().render()
+    text = _report(LimitStats(rate=50e6, waited=12.34)).render()
+    assert "  limit 50 MB/s, held back 12.3 s" in text.splitlines()
+
+
+def test_reports_of_a_limited_session_carry_the_limit() -> None:
+    """What the CLI hands to SIGUSR1, --progress and --stats-json: the session's own report
+    plus the bucket's numbers."""
+    from viamillipede.ratelimit import TokenBucket
+
+    class Session:
+        def __init__(self) -> None:
+            self.aborted: list[str] = []
+
+        def report(self) -> Report:
+            return _report()
+
+        def abort(self, reason: str = "interrupted") -> None:
+            self.aborted.append(reason)
+
+    bucket = TokenBucket(2e6, 1000)
+    bucket.reserve(3000, 0.0)
+    session = Session()
+    watched = cli._WithLimit(session, bucket)
+    assert watched.report().limit == LimitStats(rate=2e6, waited=0.001)
+    assert cli._WithLimit(Session(), None).report().limit is None
+    watched.abort("interrupted by SIGINT")
+    assert session.aborted == ["interrupted by SIGINT"]
+
+
+# -- a limited transmitter's chunks pass well within the timeout ------------------------------
+
+
+def test_a_limited_transmitter_shrinks_its_default_chunk() -> None:
+    cfg = parse("tx h 1 limit 100k")
+    assert cfg.chunk_size == cli.largest_chunk(100_000, 60.0) == 749568  # 7.5 s at 100 kB/s
+    assert parse("tx h 1 limit 100k timeout 120").chunk_size == 1_499_136
+    assert parse("tx h 1 limit 50M").chunk_size == DEFAULT_CHUNK_SIZE  # fits: unchanged
+    assert parse("tx h 1 limit 100k --chunk-size 64KiB").chunk_size == 64 * 1024
+
+
+def test_a_limited_receiver_keeps_its_config() -> None:
+    assert parse("rx 1 limit 100k").chunk_size == DEFAULT_CHUNK_SIZE
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        ("tx h 1 limit 100k --chunk-size 2MiB", ["--chunk-size", "2097152", "749568"]),
+        ("rx 1 limit 1k timeout 5", ["too low", "timeout"]),
+        ("tx h 1 limit 1k timeout 5", ["too low", "timeout"]),
+    ],
+)
+def test_a_limit_the_chunks_cannot_keep_is_refused(
+    argv: str, words: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err, fake = run_main(argv.split(), capsys)
+    assert code == ExitCode.USAGE and fake.configs == []
+    for word in words:
+        assert word in err

@@ -49,7 +49,7 @@ from procs import (
 TOTAL = 48 * MiB
 RATE = 16 * MiB  # bytes per second: three seconds of transfer
 CHECKPOINTS = [TOTAL // 4, TOTAL // 2, 3 * TOTAL // 4]
-CHUNK = ["--chunk-size", "256K"]
+CHUNK = ["--chunk-size", "256KiB"]
 
 FILTERS = {
     "tx": "( dport = :{port} )",

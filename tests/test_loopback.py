@@ -32,7 +32,7 @@ from procs import (
 )
 
 CHUNK = 64 * 1024
-SMALL_CHUNK = ["--chunk-size", "64K"]
+SMALL_CHUNK = ["--chunk-size", "64KiB"]
 
 
 # -- plain transfers ---------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def test_page_has_every_help_section() -> None:
     page = manpage.render()
     headings = re.findall(r"^\.SH (.+)$", page, re.MULTILINE)
     assert headings[:3] == ["NAME", "SYNOPSIS", "DESCRIPTION"]
-    for wanted in ("EXAMPLES", "OPTIONS", "SIGNALS", "EXIT STATUS", "SEE ALSO"):
+    for wanted in ("EXAMPLES", "OPTIONS", "UNITS", "SIGNALS", "EXIT STATUS", "SEE ALSO"):
         assert wanted in headings
     assert page.startswith(".TH VIAMILLIPEDE 1 ")
 
@@ -55,6 +55,16 @@ def test_every_exit_code_is_listed_once() -> None:
     assert codes == sorted(int(c) for c in ExitCode)
 
 
+def test_units_are_a_table_on_the_page() -> None:
+    """The unit convention is a section of its own, laid out as terms and descriptions (not
+    the preformatted fallback for text the renderer does not understand)."""
+    page = manpage.render()
+    section = page.split(".SH UNITS\n", 1)[1].split(".SH ", 1)[0]
+    assert ".nf" not in section
+    assert section.startswith(".TP\n\\fBBYTES, RATE\\fR\n")
+    assert "2M = 2000000" in section and "2KiB = 2048" in section
+
+
 def test_every_option_of_the_help_is_on_the_page() -> None:
     page = manpage.render().replace("\\-", "-")
     indented = "\n".join(line for line in HELP.splitlines() if line.startswith("  "))
@@ -63,7 +73,7 @@ def test_every_option_of_the_help_is_on_the_page() -> None:
     for flag in sorted(flags):
         assert f"\\fB{flag}\\fR" in page, flag
     for word in ("rx", "tx", "threads", "checksum", "checkphrase", "timeout", "verbose",
-                 "chaos"):
+                 "chaos", "limit", "retry-resolve"):
         assert f"\\fB{word}\\fR" in page, word
 
 
@@ -72,7 +82,9 @@ def test_parse_help_finds_the_parts() -> None:
     assert len(parsed.usage) == 2
     assert all(line.startswith("viamillipede ") for line in parsed.usage)
     assert parsed.description.startswith("Carry a Unix pipe")
-    assert [s.key for s in parsed.sections] == ["Examples", "Words", "Signals", "Exit status"]
+    assert [s.key for s in parsed.sections] == [
+        "Examples", "Words", "Units", "Signals", "Exit status"
+    ]
 
 
 def test_unknown_section_is_kept_verbatim() -> None:

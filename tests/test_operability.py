@@ -54,7 +54,7 @@ from procs import (
 from viamillipede import Receiver, Transmitter, monitor
 from viamillipede.cli import HELP
 from viamillipede.errors import ExitCode, Interrupted, PeerTimeout, RemoteFailure
-from viamillipede.stats import LinkStats, Report, TargetStats, TransferStats
+from viamillipede.stats import LimitStats, LinkStats, Report, TargetStats, TransferStats
 from viamillipede.testing import MemoryNetwork
 from viamillipede.wire import (
     Ack,
@@ -76,7 +76,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "docs" / "stats.schema.json").read_text())
 CHUNK = 64 * 1024
 F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)  # Linux
-SMALL_CHUNK = ["--chunk-size", "64K"]
+SMALL_CHUNK = ["--chunk-size", "64KiB"]
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -162,7 +162,8 @@ def test_sigusr1_reports_and_sigusr2_steps_verbosity(procs: Procs) -> None:
 
     assert re.search(r"^tx: \d+ bytes in \d+ chunks, .* average .* MB/s", tx_err, re.MULTILINE)
     assert re.search(r"^  window \d+/\d+ chunks; retransmits", tx_err, re.MULTILINE)
-    assert re.search(r"^  target 127\.0\.0\.1:\d+: up \(\d connections\)", tx_err, re.MULTILINE)
+    assert re.search(r"^  target 127\.0\.0\.1:\d+: up \(\d connections\), \d+ bytes, "
+                     r"share \d+% of all sent$", tx_err, re.MULTILINE), tx_err
     # Three connections in the SIGUSR1 report, three more in the final report that the
     # verbosity raised to 2 by SIGUSR2 asks for.
     assert len(re.findall(r"^  conn +\d+ 127\.0\.0\.1:\d+: up, in flight", tx_err,
@@ -256,6 +257,41 @@ def test_stats_json_both_ends(procs: Procs, chaos: bool) -> None:
     assert not list(procs.dir.glob("*.tmp")), "a temporary stats file was left behind"
 
 
+def test_limit_on_both_ends(procs: Procs) -> None:
+    """``limit RATE`` is accepted at each end; the stream arrives intact, no sooner than the
+    rate allows, and both reports (the final one at verbose 2, and --stats-json) show it."""
+    payload = random_file(procs.dir / "data", 1_000_000)
+    port = free_port()
+    rx = procs.rx(port, "limit", "4M", "verbose", "2", "--stats-json", str(procs.dir / "rx.json"))
+    tx = procs.tx(port, *SMALL_CHUNK, "--limit=3M", "--stats-json", str(procs.dir / "tx.json"),
+                  stdin=payload.path)
+    no_errors(tx.finish(0))
+    rx_err = rx.finish(0)
+    no_errors(rx_err)
+    assert sha256_file(rx.out) == payload.digest
+    assert re.search(r"^  limit 4 MB/s, held back \d+\.\d s$", rx_err, re.MULTILINE), rx_err
+    for role, rate in (("tx", 3e6), ("rx", 4e6)):
+        doc = load_stats(procs.dir / f"{role}.json")
+        assert doc["report"]["limit"]["rate"] == rate
+        assert doc["report"]["totals"]["nbytes"] == payload.size
+    tx_doc = load_stats(procs.dir / "tx.json")
+    # At most one chunk (64 KiB) ahead of 3 MB/s: the rest took its time, and waited for it.
+    least = (payload.size - 64 * 1024) / 3e6
+    assert tx_doc["report"]["totals"]["elapsed"] >= least * 0.95
+    assert tx_doc["report"]["limit"]["waited"] > 0
+
+
+def test_a_receiver_limited_below_the_default_chunk_says_what_chunk_size_to_use(
+    procs: Procs,
+) -> None:
+    """At 100 kB/s a 2 MiB chunk takes 21 s to write: the receiver cannot choose the
+    transmitter's chunks, so it says at start which size passes in 1/8 of its timeout."""
+    rx = procs.rx(free_port(), "limit", "100k")
+    wait_until(lambda: "--chunk-size" in rx.stderr or not rx.running(), "the warning")
+    assert "limit 100000: give the transmitter --chunk-size 749568 or less" in rx.stderr
+    assert rx.running()
+
+
 def test_schema_is_strict() -> None:
     """A document with a field the schema does not know, or without one it requires, fails:
     the schema cannot silently fall behind the program."""
@@ -263,7 +299,7 @@ def test_schema_is_strict() -> None:
     totals = TransferStats("tx", 10, 1, 0.5, 1, 0, 0, 0, 0)
     link = LinkStats(0, "h:1", "up", 0, 1, 10, 0, 0, None)
     target = TargetStats("h:1", 10, 1.0, True, 1, None)
-    report = Report(totals, 4, 0, 0, (link,), (target,))
+    report = Report(totals, 4, 0, 0, (link,), (target,), LimitStats(1e6, 0.5))
     good = {"schema": 1, "exit_code": 0, "error": None,
             "report": json.loads(json.dumps(report.to_dict())), "chaos": None}
     validate(good)
@@ -278,6 +314,10 @@ def test_schema_is_strict() -> None:
     assert broken(lambda d: d["report"]["totals"].update(extra=1))
     assert broken(lambda d: d["report"]["connections"][0].pop("state"))
     assert broken(lambda d: d["report"]["targets"][0].update(share=1.5))
+    assert broken(lambda d: d["report"].pop("limit"))
+    assert broken(lambda d: d["report"]["limit"].update(rate=0))
+    assert broken(lambda d: d["report"]["limit"].pop("waited"))
+    assert not broken(lambda d: d["report"].update(limit=None))
     assert broken(lambda d: d.update(exit_code=3))  # a failure needs its error message
     assert broken(lambda d: d.update(error="boom"))  # and a success has none
     assert broken(lambda d: d.update(chaos={"seed": 1, "rate": 0.1, "kinds": ["nuke"],
@@ -331,6 +371,25 @@ def test_exit_2_usage(procs: Procs) -> None:
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("viamillipede: ") and "frobnicate" in lines[0]
+    assert rx.out_size() == 0
+
+
+def test_exit_2_a_target_that_does_not_resolve(procs: Procs) -> None:
+    """A typo in a host name fails at once, naming it (RFC 6761: ``.invalid`` never resolves),
+    and writes no --stats-json: a bad command line never starts a session."""
+    tx = procs.start("tx", ["tx", "127.0.0.1", "9", "tx", "no-such-host.invalid", "39305",
+                            "--stats-json", str(procs.dir / "tx.json")])
+    err = tx.finish(2, timeout=20)
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("viamillipede: cannot resolve no-such-host.invalid: "), err
+    assert not (procs.dir / "tx.json").exists()
+
+
+def test_exit_2_a_listen_address_that_does_not_resolve(procs: Procs) -> None:
+    rx = procs.rx(free_port(), "--listen", "nosuch.invalid")
+    err = rx.finish(2, timeout=20)
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("viamillipede: cannot resolve the --listen address nosuch.invalid: ")
     assert rx.out_size() == 0
 
 

@@ -3,6 +3,12 @@
 The stream arrives complete and in order, and survives connections and links that break: every
 chunk stays with the transmitter until the receiver acknowledges it.  See README.md.
 
+Every failure is raised as one :class:`ViamillipedeError` subclass, whose ``exit_code`` is the
+command line's exit status for it: :class:`LocalIOError` (the source or sink failed; what it
+raised is the ``__cause__``), :class:`PeerRejected`, :class:`PeerTimeout`,
+:class:`TruncatedStream`, :class:`RemoteFailure`, :class:`ProtocolViolation`,
+:class:`Interrupted`, :class:`CannotListen`, :class:`UsageError` (and :class:`CannotResolve`).
+
 The names below are imported on first use: the command line starts by importing this package,
 and each process should pay only for the half (transmitter or receiver) it runs.
 """
@@ -14,7 +20,20 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .api import BufferSink, BytesSource, StreamSink, StreamSource, receive, send
-    from .errors import ExitCode, ViamillipedeError
+    from .errors import (
+        CannotListen,
+        CannotResolve,
+        ExitCode,
+        Interrupted,
+        LocalIOError,
+        PeerRejected,
+        PeerTimeout,
+        ProtocolViolation,
+        RemoteFailure,
+        TruncatedStream,
+        UsageError,
+        ViamillipedeError,
+    )
     from .receiver import Receiver
     from .stats import TransferStats
     from .transmitter import Transmitter
@@ -28,7 +47,17 @@ _WHERE = {
     "StreamSource": "api",
     "receive": "api",
     "send": "api",
+    "CannotListen": "errors",
+    "CannotResolve": "errors",
     "ExitCode": "errors",
+    "Interrupted": "errors",
+    "LocalIOError": "errors",
+    "PeerRejected": "errors",
+    "PeerTimeout": "errors",
+    "ProtocolViolation": "errors",
+    "RemoteFailure": "errors",
+    "TruncatedStream": "errors",
+    "UsageError": "errors",
     "ViamillipedeError": "errors",
     "Receiver": "receiver",
     "TransferStats": "stats",
@@ -38,12 +67,22 @@ _WHERE = {
 __all__ = [
     "BufferSink",
     "BytesSource",
+    "CannotListen",
+    "CannotResolve",
     "ExitCode",
+    "Interrupted",
+    "LocalIOError",
+    "PeerRejected",
+    "PeerTimeout",
+    "ProtocolViolation",
     "Receiver",
+    "RemoteFailure",
     "StreamSink",
     "StreamSource",
     "TransferStats",
     "Transmitter",
+    "TruncatedStream",
+    "UsageError",
     "ViamillipedeError",
     "__version__",
     "receive",

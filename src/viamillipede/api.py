@@ -3,11 +3,18 @@
 Everything is written against anyio, so these coroutines run in a Trio program or an asyncio
 program alike.  The command line is a thin shell over :func:`send` and :func:`receive`.
 Each half is imported when first used, so a process pays only for the end it runs.
+
+Failures reach the caller as one :class:`~viamillipede.errors.ViamillipedeError` subclass,
+never as an exception group: whatever a caller's source or sink raises (from ``readinto``,
+``write`` or ``flush``) ends the session as a :class:`~viamillipede.errors.LocalIOError` whose
+``__cause__`` is the original, and the peer is told at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import anyio
@@ -15,6 +22,7 @@ import anyio.abc
 from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
 
+from .errors import CannotListen, LocalIOError, ViamillipedeError, cannot_resolve
 from .options import (
     CONNECT_TIMEOUT,
     DEFAULT_CHECKPHRASE,
@@ -22,8 +30,9 @@ from .options import (
     DEFAULT_THREADS,
     DEFAULT_TIMEOUT,
 )
+from .ratelimit import limit_sink, limit_source
 from .stats import TransferStats
-from .transport import ConnectFailed, connect, listen
+from .transport import ConnectFailed, FdSink, FdSource, connect, listen
 
 if TYPE_CHECKING:
     from .receiver import Receiver, Sink
@@ -58,18 +67,37 @@ async def send(
     checkphrase: str = DEFAULT_CHECKPHRASE,
     idle_timeout: float = DEFAULT_TIMEOUT,
     wrap: ClientWrapper | None = None,
+    limit: float | None = None,
+    retry_resolve: bool = False,
 ) -> TransferStats:
     """Send everything ``source`` yields to the receiver(s) at ``targets``.
 
     ``targets`` are in preference order: the first is filled before the next gets chunks.
+    Every target's name is resolved first: one that does not resolve raises
+    :class:`~viamillipede.errors.CannotResolve` at once, unless ``retry_resolve`` asks to keep
+    trying (until ``idle_timeout``).  ``limit`` caps the stream at that many bytes per second.
     Returns once the receiver confirmed that every byte was written; raises a
     :class:`~viamillipede.errors.ViamillipedeError` subclass otherwise.
     """
-    tx = tcp_transmitter(
-        source, targets, threads=threads, chunk_size=chunk_size, window=window,
-        checksum=checksum, checkphrase=checkphrase, idle_timeout=idle_timeout, wrap=wrap,
-    )
-    return await tx.run()
+    with single_error():
+        if not retry_resolve:
+            await resolve_targets(targets)
+        tx = tcp_transmitter(
+            source, targets, threads=threads, chunk_size=chunk_size, window=window,
+            checksum=checksum, checkphrase=checkphrase, idle_timeout=idle_timeout, wrap=wrap,
+            limit=limit,
+        )
+        return await tx.run()
+
+
+async def resolve_targets(targets: Sequence[Target]) -> None:
+    """Check that every target's host name resolves; raise
+    :class:`~viamillipede.errors.CannotResolve` naming the first that does not."""
+    for host in dict.fromkeys(host for host, _port in targets):
+        try:
+            await anyio.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise cannot_resolve(host, exc) from exc
 
 
 def tcp_transmitter(
@@ -83,9 +111,17 @@ def tcp_transmitter(
     checkphrase: str = DEFAULT_CHECKPHRASE,
     idle_timeout: float = DEFAULT_TIMEOUT,
     wrap: ClientWrapper | None = None,
+    limit: float | None = None,
 ) -> Transmitter:
-    """The transmitter :func:`send` runs, for callers that want its reports or to abort it."""
+    """The transmitter :func:`send` runs, for callers that want its reports or to abort it.
+
+    Its names are not resolved beforehand (see :func:`resolve_targets`): a target that does not
+    resolve is retried like one that does not answer.
+    """
     plan = spread(targets, threads)
+    source = guarded_source(source)
+    if limit is not None:
+        source = limit_source(source, limit, chunk_size)
     generations = [0] * threads
 
     async def open_connection(index: int) -> anyio.abc.ByteStream:
@@ -124,17 +160,24 @@ async def receive(
     checkphrase: str = DEFAULT_CHECKPHRASE,
     idle_timeout: float = DEFAULT_TIMEOUT,
     wrap: ServerWrapper | None = None,
+    limit: float | None = None,
     task_status: TaskStatus[int] = TASK_STATUS_IGNORED,
 ) -> TransferStats:
     """Listen on ``port`` and write one session's stream, in order, to ``sink``.
 
     Use with ``await task_group.start(receive, sink, 0)`` to learn the bound port (0 picks a
-    free one) once the socket is listening.
+    free one) once the socket is listening.  ``limit`` caps the writes to ``sink`` at that many
+    bytes per second (and so, by back-pressure, the whole session).  Raises a
+    :class:`~viamillipede.errors.ViamillipedeError` subclass if the session fails.
     """
     from .receiver import Receiver
 
-    receiver = Receiver(sink, checkphrase=checkphrase, idle_timeout=idle_timeout)
-    return await serve_tcp(receiver, port, host=host, wrap=wrap, task_status=task_status)
+    out = guarded_sink(sink)
+    if limit is not None:
+        out = limit_sink(out, limit)
+    with single_error():
+        receiver = Receiver(out, checkphrase=checkphrase, idle_timeout=idle_timeout)
+        return await serve_tcp(receiver, port, host=host, wrap=wrap, task_status=task_status)
 
 
 async def serve_tcp(
@@ -146,7 +189,16 @@ async def serve_tcp(
     task_status: TaskStatus[int] = TASK_STATUS_IGNORED,
 ) -> TransferStats:
     """Serve ``receiver``'s session on a TCP port (what :func:`receive` does with its own)."""
-    tcp = listen(port, host)
+    try:
+        tcp = listen(port, host)
+    except CannotListen as exc:
+        if host is None:
+            raise
+        raise CannotListen(str(exc).replace(" on port ", f" on {host} port ", 1)) from exc
+    except OSError as exc:  # the address does not resolve
+        raise CannotListen(
+            f"cannot listen on {host} port {port}: {cannot_resolve(str(host), exc)}"
+        ) from exc
     accepted = 0
 
     class _Wrapped:
@@ -227,3 +279,112 @@ class StreamSink:
 
     async def flush(self) -> None:
         await anyio.lowlevel.checkpoint()
+
+
+# -- a caller's source and sink ------------------------------------------------------------
+
+
+def _failed(what: str, exc: Exception) -> LocalIOError:
+    error = LocalIOError(f"{what} failed: {exc!r}")
+    # Kept apart from __cause__ as well: session code that re-raises an error "from None"
+    # erases its cause, and single_error() puts it back from here.
+    error.original = exc
+    return error
+
+
+class GuardedSource:
+    """A caller's source whose every failure is a :class:`~viamillipede.errors.LocalIOError`
+    (the original as its ``__cause__``), so the session ends as a local I/O failure and the
+    receiver is told, instead of the exception tearing the transmitter's tasks down."""
+
+    def __init__(self, source: Source) -> None:
+        self.inner = source
+        self.cancel_safe = bool(getattr(source, "cancel_safe", False))
+
+    async def readinto(self, view: memoryview) -> int:
+        try:
+            return await self.inner.readinto(view)
+        except ViamillipedeError:
+            raise
+        except Exception as exc:
+            raise _failed("the source", exc) from exc
+
+
+class GuardedSink:
+    """A caller's sink whose every failure is a :class:`~viamillipede.errors.LocalIOError`
+    (the original as its ``__cause__``): the receiver tells the transmitter that its output
+    failed, and both ends stop at once."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.inner = sink
+
+    @property
+    def nbytes(self) -> int | None:
+        count = getattr(self.inner, "nbytes", None)
+        return count if isinstance(count, int) else None
+
+    async def write(self, data: memoryview) -> None:
+        try:
+            await self.inner.write(data)
+        except ViamillipedeError:
+            raise
+        except Exception as exc:
+            raise _failed("the sink", exc) from exc
+
+    async def flush(self) -> None:
+        try:
+            await self.inner.flush()
+        except ViamillipedeError:
+            raise
+        except Exception as exc:
+            raise _failed("the sink", exc) from exc
+
+
+def guarded_source(source: Source) -> Source:
+    """``source`` with its failures turned into ``LocalIOError``; a descriptor source of this
+    package is returned as it is (it reports its failures so already, and a regular file must
+    stay a file the kernel can send from)."""
+    if isinstance(source, FdSource | GuardedSource):
+        return source
+    return GuardedSource(source)
+
+
+def guarded_sink(sink: Sink) -> Sink:
+    """``sink`` with its failures turned into ``LocalIOError``; a descriptor sink of this
+    package is returned as it is (it reports its failures so already, and keeps splicing)."""
+    if isinstance(sink, FdSink | GuardedSink):
+        return sink
+    return GuardedSink(sink)
+
+
+@contextmanager
+def single_error() -> Iterator[None]:
+    """Let no exception group out: a group (from a task group) is replaced by the one error in
+    it that matters, a :class:`~viamillipede.errors.ViamillipedeError` if there is one.  That
+    error keeps its own ``__cause__``."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        real = [e for e in leaves if isinstance(e, Exception)]  # not cancellations
+        ours = [e for e in real if isinstance(e, ViamillipedeError)]
+        error = (ours or real or leaves)[0]
+        _restore_cause(error)
+        error.__suppress_context__ = True  # the group is noise; a __cause__ is still shown
+        raise error  # noqa: B904  # deliberately not "from": that would erase its __cause__
+    except LocalIOError as error:
+        _restore_cause(error)
+        raise
+
+
+def _restore_cause(error: BaseException) -> None:
+    if isinstance(error, LocalIOError) and error.__cause__ is None and error.original:
+        error.__cause__ = error.original
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc

@@ -7,17 +7,22 @@ and because both spellings must land in one config with one set of error message
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .errors import ExitCode, UsageError, ViamillipedeError
+from .errors import ExitCode, UsageError, ViamillipedeError, cannot_resolve
 
 if TYPE_CHECKING:
     from .chaos import ChaosScheduler
+    from .monitor import Reporting
+    from .ratelimit import RateLimitedSink, RateLimitedSource, TokenBucket
     from .receiver import Receiver
     from .stats import Report
     from .transmitter import Transmitter
@@ -51,6 +56,8 @@ Examples:
   # verify every chunk with a checksum and use a private checkphrase:
   tar cf - dir | {PROG} tx host 8834 checksum checkphrase wat!
   {PROG} rx 8834 checksum checkphrase wat! > dir.tar
+  # at most 50 MB/s (50,000,000 bytes a second), evenly, without bursts:
+  zfs send pool/fs@snap | {PROG} tx backup1 8834 limit 50M
   # a loopback smoke test:
   {PROG} rx 8834 > /tmp/copy & {PROG} tx localhost 8834 < /etc/services
 
@@ -58,24 +65,32 @@ Words (the original grammar, any order) and their --flag spellings:
   rx PORT             --rx PORT          receive: listen on PORT (IPv6 and IPv4)
   tx HOST PORT        --tx HOST PORT     transmit to HOST:PORT; repeat for more
                                          links, preferred first; a target named
-                                         twice gets twice the connections
+                                         twice gets twice the connections; every
+                                         HOST must resolve at start (else exit 2)
   threads N           --threads N        parallel connections, 1-{MAX_THREADS}
                                          (default {DEFAULT_THREADS})
   checksum            --checksum         XXH3 on every chunk, checked before it is
                                          written (the receiver follows the sender)
-  checkphrase XXXX    --checkphrase XXXX 4 characters both ends must agree on
-                                         (default "{DEFAULT_CHECKPHRASE}")
+  checkphrase XXXX    --checkphrase XXXX 4 bytes both ends must agree on, e.g. 4
+                                         ASCII characters (default "{DEFAULT_CHECKPHRASE}")
   timeout SECONDS     --timeout SECONDS  give up after this long without progress
                                          (default {DEFAULT_TIMEOUT:g})
-  verbose N           --verbose N, -v    0 errors only, 1 warnings and a summary
-                                         (default), 2 connection events, 3 debug
+  limit RATE          --limit RATE       at most RATE bytes a second for the whole
+                                         session, e.g. 50M; on either end; smooth:
+                                         never more than one chunk ahead of the rate;
+                                         tx chunks shrink to pass in 1/8 of timeout
+  retry-resolve       --retry-resolve    tx: keep trying a HOST that does not
+                                         resolve (yet), until the timeout
+  verbose N           --verbose N, -v N  0 errors only, 1 warnings and a summary
+                                         (default), 2 connection events, 3 debug;
+                                         -v alone adds one level, -vv two
   chaos SEED          --chaos SEED       inject seeded faults (resets, stalls, delays,
                                          fragmentation; corruption with checksum):
                                          the same seed breaks the same operations
                       --chaos-rate P     chance of a fault per operation (0.02)
                       --chaos-faults L   e.g. reset,delay (of reset stall delay
                                          short corrupt)
-                      --chunk-size BYTES chunk size, e.g. 512K, 2M (default 2M)
+                      --chunk-size BYTES chunk size, e.g. 512KiB, 1M (default 2MiB)
                       --listen ADDR      rx only: listen on ADDR instead of all
                       --progress         a pv-like progress line on stderr
                       --size BYTES       expected size, for progress percentage and
@@ -86,15 +101,21 @@ Words (the original grammar, any order) and their --flag spellings:
                       --help, -h         this text
                       --version          print the version
 
+Units:
+  BYTES, RATE         decimal: 2k = 2000, 2M = 2000000, 2G = 2000000000 bytes
+                      (a second, for a RATE); binary with an i: 2KiB = 2048,
+                      2MiB = 2097152, 2GiB; a plain number is bytes
+  shown               in decimal units: MB = 1000000 bytes, MB/s
+
 Signals:
-  SIGUSR1 (SIGINFO on BSD)  print a report to stderr: bytes, rates, window,
-                            each connection and link; the transfer goes on
+  SIGUSR1 (SIGINFO on BSD)  print a report to stderr: bytes, rates, window, the
+                            limit, each connection and link; the transfer goes on
   SIGUSR2                   next verbosity level (0, 1, 2, 3, then 0 again)
   SIGINT, SIGTERM           stop cleanly, tell the peer, exit 130
 
 Exit status:
   0 success: every byte written and confirmed     5 stream ended early / totals differ
-  2 bad command line                              6 local input or output failed
+  2 bad command line, or an unknown host name     6 local input or output failed
   3 peer rejected (checkphrase, session, version) 7 the peer aborted (e.g. its output failed)
   4 no progress within the timeout                8 protocol violation
   1 cannot listen (port in use), or other       130 interrupted (Ctrl-C, SIGTERM)
@@ -121,6 +142,8 @@ class Config:
     size: int | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
     timeout: float = DEFAULT_TIMEOUT
+    limit: float | None = None
+    retry_resolve: bool = False
 
 
 def _int(word: str, value: str, low: int, high: int) -> int:
@@ -137,20 +160,48 @@ def _port(word: str, value: str) -> int:
     return _int(f"{word} port", value, 1, 65535)
 
 
+#: A size or rate: a number, then k/M/G/T (decimal) or Ki/Mi/Gi/Ti (binary), then an optional B.
+_QUANTITY = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(i?))?b?", re.IGNORECASE)
+_POWERS = {"k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def quantity(text: str) -> int | None:
+    """``2M`` -> 2000000, ``2MiB`` -> 2097152, ``512`` -> 512: the one convention for every size
+    and rate on the command line (decimal prefixes, binary ones with an i).  None if ``text``
+    is not a quantity."""
+    m = _QUANTITY.fullmatch(text.strip())
+    if m is None:
+        return None
+    number, prefix, binary = m.groups()
+    scale = (1024 if binary else 1000) ** _POWERS[prefix.lower()] if prefix else 1
+    if "." in number:
+        return round(float(number) * scale)
+    return int(number) * scale  # exact, however large
+
+
 def _size(word: str, value: str, low: int = MIN_CHUNK_SIZE, high: int = MAX_CHUNK_SIZE) -> int:
-    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
-    text = value.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = 1
-    if text and text[-1] in units:
-        mult = units[text[-1]]
-        text = text[:-1]
-    try:
-        n = int(text, 10) * mult
-    except ValueError:
-        raise UsageError(f"{word} needs a size like 2M or 524288, got {value!r}") from None
+    n = quantity(value)
+    if n is None:
+        raise UsageError(
+            f"{word} needs a size like 2M (2000000 bytes), 2MiB or 524288, got {value!r}"
+        )
     if not low <= n <= high:
-        raise UsageError(f"{word} must be between {low} and {high} bytes")
+        raise UsageError(f"{word} must be between {low} and {high} bytes, got {n}")
     return n
+
+
+MIN_LIMIT = 1000
+
+
+def _limit(word: str, value: str) -> float:
+    n = quantity(value.removesuffix("/s"))
+    if n is None:
+        raise UsageError(
+            f"{word} needs bytes a second like 50M (50000000) or 10MiB, got {value!r}"
+        )
+    if n < MIN_LIMIT:
+        raise UsageError(f"{word} must be at least {MIN_LIMIT} bytes a second (1k), got {n}")
+    return float(n)
 
 
 _FAULTS = ("reset", "stall", "delay", "short", "corrupt")
@@ -197,6 +248,9 @@ class _Words:
         self._i += 1
         return word
 
+    def peek(self) -> str | None:
+        return self._argv[self._i] if self else None
+
     def value(self, word: str, what: str) -> str:
         if not self:
             raise UsageError(f"{word} needs {what}")
@@ -204,7 +258,9 @@ class _Words:
 
 
 #: Words that take no value, so ``--checksum=off`` is an error rather than a silent "on".
-_SWITCHES = frozenset({"help", "version", "quiet", "checksum", "checksums", "progress"})
+_SWITCHES = frozenset(
+    {"help", "version", "quiet", "checksum", "checksums", "progress", "retry-resolve"}
+)
 
 
 def parse(argv: Sequence[str]) -> Config | str:
@@ -212,6 +268,7 @@ def parse(argv: Sequence[str]) -> Config | str:
     cfg = Config()
     words = _Words(argv)
     rx_seen = False
+    chunk_given = False
 
     def set_mode(mode: str) -> None:
         if cfg.mode and cfg.mode != mode:
@@ -236,8 +293,12 @@ def parse(argv: Sequence[str]) -> Config | str:
             return f"{PROG} {__version__}"
         if raw in ("-q", "--quiet"):
             cfg.verbose = 0
-        elif raw == "-v":
-            cfg.verbose += 1
+        elif raw == "-v" and (level := words.peek()) is not None and level.isdigit():
+            cfg.verbose = _int("-v", words.next(), 0, 9)
+        elif re.fullmatch(r"-v+", raw):
+            cfg.verbose += len(raw) - 1
+        elif re.fullmatch(r"-v\d+", raw):
+            cfg.verbose = _int("-v", raw[2:], 0, 9)
         elif word == "rx":
             set_mode("rx")
             if rx_seen:
@@ -261,7 +322,7 @@ def parse(argv: Sequence[str]) -> Config | str:
         elif word in ("checksum", "checksums"):
             cfg.checksum = True
         elif word == "checkphrase":
-            phrase = arg("4 characters")
+            phrase = arg("4 bytes")
             if len(phrase.encode("utf-8")) != 4:
                 raise UsageError(f"checkphrase must be exactly 4 bytes, got {phrase!r}")
             cfg.checkphrase = phrase
@@ -273,8 +334,13 @@ def parse(argv: Sequence[str]) -> Config | str:
             cfg.chaos_faults = _faults(arg("a list of faults"))
         elif word == "timeout":
             cfg.timeout = _seconds("timeout", arg("seconds"))
+        elif word == "limit":
+            cfg.limit = _limit(word, arg("a rate in bytes a second, like 50M"))
+        elif word == "retry-resolve":
+            cfg.retry_resolve = True
         elif raw == "--chunk-size":
             cfg.chunk_size = _size("--chunk-size", arg("a size"))
+            chunk_given = True
         elif raw == "--listen":
             cfg.listen = arg("an address")
         elif raw == "--progress":
@@ -290,11 +356,48 @@ def parse(argv: Sequence[str]) -> Config | str:
         raise UsageError("say what to do: rx PORT or tx HOST PORT; see --help")
     if cfg.listen is not None and cfg.mode != "rx":
         raise UsageError("--listen goes with rx")
+    if cfg.retry_resolve and cfg.mode != "tx":
+        raise UsageError("retry-resolve goes with tx")
+    if cfg.limit is not None:
+        _fit_chunks_to_limit(cfg, chunk_given)
     if cfg.chaos is None and (cfg.chaos_rate is not None or cfg.chaos_faults is not None):
         raise UsageError("--chaos-rate and --chaos-faults need chaos SEED")
     if cfg.chaos_faults and "corrupt" in cfg.chaos_faults and not cfg.checksum:
         raise UsageError("chaos fault 'corrupt' needs checksum, or the output will be damaged")
     return cfg
+
+
+#: At a limited rate a chunk should take at most this share of the timeout: each end counts a
+#: chunk written (tx) or received (rx) as progress, so one must come well within the timeout.
+CHUNK_SHARE_OF_TIMEOUT = 1 / 8
+
+
+def largest_chunk(limit: float, timeout: float) -> int:
+    """The largest chunk that ``limit`` bytes a second carry in 1/8 of ``timeout`` seconds, in
+    whole 4 KiB pages."""
+    return int(limit * timeout * CHUNK_SHARE_OF_TIMEOUT) // 4096 * 4096
+
+
+def _fit_chunks_to_limit(cfg: Config, chunk_given: bool) -> None:
+    """A limited transmitter's chunks must come well within the timeout: the default chunk
+    size shrinks to fit; a chunk size given that does not fit is a usage error.  A limit at
+    which not even the smallest chunk fits is one on either end."""
+    assert cfg.limit is not None
+    fits = largest_chunk(cfg.limit, cfg.timeout)
+    if fits < MIN_CHUNK_SIZE:
+        raise UsageError(
+            f"limit {cfg.limit:.0f} is too low for timeout {cfg.timeout:g}: even a chunk of "
+            f"{MIN_CHUNK_SIZE} bytes would take {MIN_CHUNK_SIZE / cfg.limit:.1f} s; "
+            "raise the limit or the timeout"
+        )
+    if cfg.mode != "tx" or cfg.chunk_size <= fits:
+        return
+    if chunk_given:
+        raise UsageError(
+            f"--chunk-size {cfg.chunk_size} takes {cfg.chunk_size / cfg.limit:.1f} s at limit "
+            f"{cfg.limit:.0f}; with timeout {cfg.timeout:g} use at most {fits} bytes"
+        )
+    cfg.chunk_size = fits
 
 
 def _setup_logging(cfg: Config) -> logging.Logger:
@@ -322,6 +425,7 @@ def _run(cfg: Config, log: logging.Logger) -> None:
     from .api import serve_tcp, tcp_transmitter
     from .framing import first_error
     from .monitor import NOTE, RateMeter, known_size, show_progress, watch_signals
+    from .ratelimit import limit_sink, limit_source
     from .transport import FdSink, FdSource
 
     if cfg.mode == "rx":
@@ -335,37 +439,52 @@ def _run(cfg: Config, log: logging.Logger) -> None:
     async def main() -> None:
         meter = RateMeter()
         session: Receiver | Transmitter
+        bucket: TokenBucket | None = None
         if cfg.mode == "rx":
             sink = FdSink(sys.stdout.fileno(), preallocate=PREALLOCATE_AHEAD)
-            session = Receiver(sink, checkphrase=cfg.checkphrase, idle_timeout=cfg.timeout)
+            out: FdSink | RateLimitedSink = sink
+            if cfg.limit is not None:
+                out = limit_sink(sink, cfg.limit)
+                bucket = out.bucket
+                fits = largest_chunk(cfg.limit, cfg.timeout)
+                if fits < DEFAULT_CHUNK_SIZE:
+                    log.warning("limit %.0f: give the transmitter --chunk-size %d or less, or "
+                                "a chunk may take longer than the timeout to write",
+                                cfg.limit, fits)
+            session = Receiver(out, checkphrase=cfg.checkphrase, idle_timeout=cfg.timeout)
             size = cfg.size
             run = serve_tcp(session, cfg.port, host=cfg.listen,
                             wrap=chaos.receiver_wrapper() if chaos else None)
             close = sink.aclose
         else:
             source = FdSource(sys.stdin.fileno())
+            into: FdSource | RateLimitedSource = source
+            if cfg.limit is not None:
+                into = limit_source(source, cfg.limit, cfg.chunk_size)
+                bucket = into.bucket
             session = tcp_transmitter(
-                source, cfg.targets, threads=cfg.threads, chunk_size=cfg.chunk_size,
+                into, cfg.targets, threads=cfg.threads, chunk_size=cfg.chunk_size,
                 checksum=cfg.checksum, checkphrase=cfg.checkphrase, idle_timeout=cfg.timeout,
                 wrap=chaos.transmitter_wrapper() if chaos else None,
             )
             size = cfg.size if cfg.size is not None else known_size(sys.stdin.fileno())
             run = session.run()
             close = source.aclose
+        watched = _WithLimit(session, bucket)
         try:
             with first_error():
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(watch_signals, session, cfg.verbose, meter)
+                    tg.start_soon(watch_signals, watched, cfg.verbose, meter)
                     if cfg.progress:
-                        tg.start_soon(show_progress, session.report, size, meter)
+                        tg.start_soon(show_progress, watched.report, size, meter)
                     stats = await run
                     tg.cancel_scope.cancel()
         finally:
-            reports.append(session.report())  # for --stats-json, taken while the clock runs
+            reports.append(watched.report())  # for --stats-json, taken while the clock runs
             await close()
         log.log(NOTE, "%s", stats.summary())
         if log.isEnabledFor(logging.INFO):  # verbose >= 2, as SIGUSR2 may have changed it
-            sys.stderr.write(session.report().render() + "\n")
+            sys.stderr.write(watched.report().render() + "\n")
 
     error: BaseException | None = None
     try:
@@ -379,6 +498,23 @@ def _run(cfg: Config, log: logging.Logger) -> None:
             log.log(NOTE, "chaos seed %d injected %s", cfg.chaos, counts or "no faults")
         if cfg.stats_json:
             _write_json(cfg, reports, chaos, error)
+
+
+class _WithLimit:
+    """A session whose reports also show the rate limit (``limit RATE``), if there is one."""
+
+    def __init__(self, session: Reporting, bucket: TokenBucket | None) -> None:
+        self._session = session
+        self._bucket = bucket
+
+    def report(self) -> Report:
+        report = self._session.report()
+        if self._bucket is None:
+            return report
+        return dataclasses.replace(report, limit=self._bucket.stats())
+
+    def abort(self, reason: str = "interrupted") -> None:
+        self._session.abort(reason)
 
 
 def _write_json(
@@ -437,15 +573,45 @@ def _chaos(cfg: Config, log: logging.Logger) -> ChaosScheduler | None:
     return ChaosScheduler(cfg.chaos, rate=rate, kinds=faults)
 
 
+Resolver = Callable[[str, int, bool], object]
+"""``resolve(host, port, passive)``: raises OSError if the name does not resolve."""
+
+
+def _resolve(host: str, port: int, passive: bool) -> object:
+    flags = socket.AI_PASSIVE if passive else 0
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
+
+
+def check_names(cfg: Config, resolve: Resolver = _resolve) -> None:
+    """Resolve every name the command line gives before anything starts: a target (unless
+    ``retry-resolve``) or a ``--listen`` address that does not resolve is a bad command line,
+    reported at once rather than after the timeout."""
+    if cfg.mode == "tx" and not cfg.retry_resolve:
+        for host, port in dict.fromkeys(cfg.targets):
+            try:
+                resolve(host, port, False)
+            except OSError as exc:
+                raise cannot_resolve(host, exc) from exc
+    if cfg.listen is not None:
+        try:
+            resolve(cfg.listen, cfg.port, True)
+        except OSError as exc:
+            raise cannot_resolve(cfg.listen, exc, "the --listen address") from exc
+
+
 def main(argv: Sequence[str] | None = None, *, run: Callable[[Config, logging.Logger], None]
-         = _run) -> int:
+         = _run, resolve: Resolver = _resolve) -> int:
     """Entry point of the ``viamillipede`` command; returns the exit status."""
     args = sys.argv[1:] if argv is None else argv
     try:
         parsed = parse(args)
+        if isinstance(parsed, Config):
+            check_names(parsed, resolve)
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return int(ExitCode.USAGE)
+    except KeyboardInterrupt:  # a slow name server, given up on
+        return int(ExitCode.INTERRUPTED)
     if isinstance(parsed, str):
         print(parsed)
         return 0

@@ -7,6 +7,7 @@ test, instead of a traceback.
 
 from __future__ import annotations
 
+import socket
 from enum import IntEnum
 
 
@@ -38,7 +39,18 @@ class CannotListen(ViamillipedeError):
 
 
 class UsageError(ViamillipedeError):
+    """Bad arguments: a bad command line, or a library call the session cannot start with."""
+
     exit_code = ExitCode.USAGE
+
+
+class CannotResolve(UsageError):
+    """A host name that does not resolve (a target, or the address to listen on).
+
+    Checked before a session starts, so a typo fails at once instead of after the timeout; the
+    command line's ``retry-resolve`` (the library's ``retry_resolve=True``) keeps trying
+    instead, for a name that is expected to appear.
+    """
 
 
 class PeerRejected(ViamillipedeError):
@@ -60,9 +72,14 @@ class TruncatedStream(ViamillipedeError):
 
 
 class LocalIOError(ViamillipedeError):
-    """Reading our source or writing our sink failed (EPIPE, ENOSPC, EIO...)."""
+    """Reading our source or writing our sink failed (EPIPE, ENOSPC, EIO...).
+
+    Whatever a library caller's source or sink raised is its ``__cause__``.
+    """
 
     exit_code = ExitCode.LOCAL_IO
+    #: What the caller's source or sink raised, if that is what failed (also its __cause__).
+    original: BaseException | None = None
 
 
 class RemoteFailure(ViamillipedeError):
@@ -72,6 +89,8 @@ class RemoteFailure(ViamillipedeError):
 
 
 class ProtocolViolation(ViamillipedeError):
+    """The peer broke the protocol, or is not a viamillipede peer at all."""
+
     exit_code = ExitCode.PROTOCOL
 
 
@@ -79,6 +98,14 @@ class Interrupted(ViamillipedeError):
     """Stopped on request (Ctrl-C, SIGTERM); the peer is told."""
 
     exit_code = ExitCode.INTERRUPTED
+
+
+def cannot_resolve(host: str, exc: OSError, what: str = "") -> CannotResolve:
+    """The error for a name that did not resolve: ``cannot resolve [WHAT ]HOST: REASON``."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == socket.EAI_AGAIN:
+        reason += " (a temporary failure: retry-resolve keeps trying)"
+    return CannotResolve(f"cannot resolve {what + ' ' if what else ''}{host}: {reason}")
 
 
 class LinkBroken(Exception):

@@ -28,6 +28,7 @@ from .errors import ExitCode
 _TITLES = {
     "Examples": "EXAMPLES",
     "Words": "OPTIONS",
+    "Units": "UNITS",
     "Signals": "SIGNALS",
     "Exit status": "EXIT STATUS",
 }

@@ -105,6 +105,17 @@ class TargetStats:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitStats:
+    """The session's rate limit (``limit RATE``): the rate, and how long it held the stream
+    back in all."""
+
+    rate: float
+    """Bytes per second."""
+    waited: float
+    """Seconds the stream waited for the limit, summed over every read or write it delayed."""
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     """A full snapshot: what SIGUSR1 prints and ``--stats-json`` writes."""
 
@@ -114,6 +125,7 @@ class Report:
     reorder_depth: int
     connections: tuple[LinkStats, ...]
     targets: tuple[TargetStats, ...]
+    limit: LimitStats | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -129,12 +141,15 @@ class Report:
             + f"; retransmits {t.retransmits}, reconnects {t.reconnects}, "
             f"duplicates {t.duplicates}, rejected {t.rejected}",
         ]
+        if self.limit is not None:
+            lines.append(f"  limit {self.limit.rate / 1e6:.3g} MB/s, held back "
+                         f"{self.limit.waited:.1f} s")
         for g in self.targets:
             probe = f", next probe in {g.next_probe_in:.1f} s" if g.next_probe_in else ""
             lines.append(
                 f"  target {g.target}: {'up' if g.up else 'DOWN'} "
                 f"({g.connections_up} connections), {g.nbytes} bytes, "
-                f"{100 * g.share:.0f}%{probe}"
+                f"share {100 * g.share:.0f}% of all sent{probe}"
             )
         for c in self.connections:
             retry = f", retry in {c.next_try_in:.1f} s" if c.next_try_in else ""
