@@ -10,7 +10,7 @@ send any decodable HELLO, DATA header or BYE at any moment.
 
 from __future__ import annotations
 
-import contextlib
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
@@ -408,6 +408,23 @@ def test_copies_during_a_direct_write_are_dropped_unacknowledged() -> None:
     assert core.data(0, CHUNK) is Claim.DISCARD_ACK  # now it is written: acknowledged
 
 
+def test_a_copy_landing_during_a_direct_write_is_dropped_unacknowledged() -> None:
+    """Two copies of chunk 0 (a re-send): one is read into a buffer, the other, next and
+    with nothing ready, is spliced straight to the sink.  The buffered one lands first: it
+    is neither filed (the chunk would be written twice) nor acknowledged (if the splice
+    breaks off, the transmitter must still hold the chunk)."""
+    core = bound_core()
+    assert core.data(0, CHUNK) is Claim.RECEIVE  # copy A: read into a buffer
+    assert core.data(0, CHUNK) is Claim.RECEIVE  # copy B: payload still in its socket
+    assert core.take_turn(0)  # B goes direct
+    # A lands meanwhile: dropped unacknowledged, for if B fails the chunk must come again
+    assert core.received(0, "copy A") is Claim.DISCARD
+    core.written(CHUNK, buffered=False)  # B is out
+    core.turn_over()
+    assert core.reorder.written == 1
+    assert core.buffers == len(core.reorder) == 0
+
+
 def test_resume_after_a_partial_direct_write() -> None:
     core = bound_core()
     assert core.resume(0, CHUNK) == 0  # nothing cut short
@@ -503,44 +520,61 @@ def test_fail_does_not_undo_success() -> None:
     assert core.state is RxState.SUCCEEDED
 
 
-# -- defects: the expected behaviour; strict, so each flags when it is fixed ---------------
-
-
-def test_a_copy_landing_during_a_direct_write() -> None:
-    """Two copies of chunk 0 (a re-send): one is read into a buffer, the other, next and
-    with nothing ready, is spliced straight to the sink.  The buffered one lands first."""
-    core = bound_core()
-    assert core.data(0, CHUNK) is Claim.RECEIVE  # copy A: read into a buffer
-    assert core.data(0, CHUNK) is Claim.RECEIVE  # copy B: payload still in its socket
-    assert core.take_turn(0)  # B goes direct
-    # A lands meanwhile: dropped unacknowledged, for if B fails the chunk must come again
-    assert core.received(0, "copy A") is Claim.DISCARD
-    core.written(CHUNK, buffered=False)  # B is out
-    core.turn_over()
-    assert core.reorder.written == 1
-    assert core.buffers == len(core.reorder) == 0
-
-
-def test_nothing_is_written_past_a_believed_end() -> None:
+def test_a_bye_below_a_chunk_already_here_truncates() -> None:
+    """No transmitter ends its stream below a chunk it sent: believing it would write that
+    chunk after BYE_OK."""
     core = bound_core()
     deliver(core, 0)
     deliver(core, 1)
-    with contextlib.suppress(RemoteProtocolError, TruncatedStream):
-        core.bye(Bye(1, CHUNK))  # but chunk 1 is here: no transmitter ends at 1
-        core.written(CHUNK, buffered=True)
-        if core.bye_answer() is not None:
-            core.succeed()
-    assert core.state is not RxState.SUCCEEDED or core.reorder.ready() is None
+    with pytest.raises(TruncatedStream, match="beyond"):
+        core.bye(Bye(1, CHUNK))
+    assert core.state is RxState.RECEIVING and core.reorder.ready() is not None
+
+
+def test_a_copy_past_a_believed_end_is_dropped() -> None:
+    """A copy already on its way when the BYE came lands unfiled and unacknowledged, and
+    may not go straight to the sink either."""
+    core = bound_core()
+    deliver(core, 0)
+    assert core.data(1, CHUNK) is Claim.RECEIVE
+    assert core.data(1, CHUNK) is Claim.RECEIVE
+    core.bye(Bye(1, CHUNK))
+    write_ready(core)
+    assert not core.take_turn(1)
+    assert core.received(1, "past the end") is Claim.DISCARD
+    assert core.buffers == 1
+    core.abandoned(1)
+    assert core.buffers == len(core.reorder) == 0
+    assert core.bye_answer() == ByeOk(1, CHUNK)
+    assert core.succeed()
+    assert core.reorder.ready() is None
 
 
 def test_a_failed_session_stays_failed() -> None:
     core = receiving_core()
     write_ready(core)
     core.fail()  # e.g. the sink failed, or the user interrupted
-    with contextlib.suppress(RemoteProtocolError, TruncatedStream, ProtocolViolation):
+    with pytest.raises(RemoteProtocolError):
         core.bye(Bye(3, 3 * CHUNK))  # every chunk is written: a BYE that would succeed
-        assert core.bye_answer() is None or not core.succeed()
+    assert core.bye_answer() is None
+    assert not core.succeed()
     assert core.state is RxState.FAILED
+
+
+@pytest.mark.parametrize("moved", [None, 3], ids=["on-its-way", "cut-short"])
+def test_a_bye_below_a_chunk_going_direct_truncates(moved: int | None) -> None:
+    """Chunk 0 is being spliced to the sink (or was, and 3 of its bytes are out) when a BYE
+    says the stream has no chunks: believed, the session would succeed with bytes of chunk 0
+    in the sink, or about to be, past the end."""
+    core = bound_core()
+    assert core.data(0, CHUNK) is Claim.RECEIVE
+    assert core.take_turn(0)
+    if moved is not None:
+        core.partial = moved
+        core.turn_over()
+    with pytest.raises(TruncatedStream, match="beyond"):
+        core.bye(Bye(0, 0))
+    assert core.state is RxState.RECEIVING
 
 
 # -- refused authentications ----------------------------------------------------------------
@@ -577,10 +611,6 @@ def test_auth_throttle_rate_sets_the_spacing() -> None:
 #: push the buffers in use up to the hard bound (see test_the_hard_bound_holds_...).
 RX_WINDOW = EXTRA_BUFFERS + 2
 
-#: Interleavings the machine once had to steer around, each pinned by a test above.
-COPY_LANDS_DURING_DIRECT_WRITE = True  # test_a_copy_landing_during_a_direct_write
-WRITE_PAST_BELIEVED_END = True  # test_nothing_is_written_past_a_believed_end
-
 SEQ_KINDS = st.one_of(
     st.sampled_from(["zero", "next", "last", "beyond", "end", "max"]),
     st.tuples(st.just("rel"), st.integers(-3, RX_WINDOW + 1)),
@@ -593,9 +623,11 @@ LENGTHS = st.one_of(st.sampled_from([0, 1, CHUNK - 1, CHUNK, CHUNK + 1]), st.int
 INPUTS = st.integers(0, 2 * RX_WINDOW + 1).flatmap(
     lambda n: st.binary(min_size=max(0, (n - 1) * CHUNK + 1), max_size=n * CHUNK))
 
-#: Whether the copies a transmitter sends land at once (mostly: the driver reads a payload
-#: as soon as its header is judged) or stay on their way for later steps to decide.
-LANDS = st.sampled_from([True, True, False])
+#: What becomes of the copies a transmitter sends that get a buffer: they land at once
+#: (mostly: the driver reads a payload as soon as its header is judged), try the direct path
+#: first (as the driver does when the sink can take a splice), or stay on their way for
+#: later steps to decide.
+FATES = st.sampled_from(["lands", "lands", "tries direct", "stays"])
 
 BYE_CHUNKS = st.one_of(
     st.just("end"),
@@ -710,32 +742,21 @@ class RxSession(RuleBasedStateMachine):
         else:
             assert direct or before >= (RX_WINDOW if on_way else RX_WINDOW + EXTRA_BUFFERS)
 
-    def _beyond(self, chunks: int) -> bool:
-        """Is a chunk at or past ``chunks`` held, landing, going direct or partly written?"""
-        core = self.core
-        written = core.reorder.written
-        return (
-            any(c.legit and c.seq >= chunks for c in self.copies.values())
-            or (self.direct is not None and self.direct.legit and self.direct.seq >= chunks)
-            or (core.partial > 0 and written >= chunks)
-            or any(map(core.reorder.holds, range(max(chunks, written), written + RX_WINDOW)))
-        )
-
     def _believable(self, bye: Bye) -> bool:
-        """No fewer chunks than written, none beyond the window, none missing below it."""
+        """No fewer chunks than written, none beyond the window, none missing below it, and
+        none at or past it held, going straight to the sink or partly there already."""
         reorder = self.core.reorder
         written = reorder.written
-        return written <= bye.chunks <= written + RX_WINDOW and all(
-            map(reorder.holds, range(written, bye.chunks)))
+        return (written <= bye.chunks <= written + RX_WINDOW
+                and all(map(reorder.holds, range(written, bye.chunks)))
+                and not any(map(reorder.holds, range(bye.chunks, written + RX_WINDOW)))
+                and not (self.direct is not None and self.direct.seq >= bye.chunks)
+                and not (self.core.partial > 0 and written >= bye.chunks))
 
     def _bye(self, bye: Bye, *, legit: bool) -> None:
         core = self.core
         state, written = core.state, core.reorder.written
         believable = self._believable(bye)
-        if (not WRITE_PAST_BELIEVED_END and state is RxState.RECEIVING and believable
-                and self._beyond(bye.chunks)):
-            assert not legit
-            return  # the core would believe it, then write past it
         try:
             core.bye(bye)
         except RemoteProtocolError:
@@ -744,10 +765,8 @@ class RxSession(RuleBasedStateMachine):
             assert not legit or self.believed != self.total
             return
         except TruncatedStream:
-            # A chunk held past the end came from no transmitter: the stream cannot be trusted.
-            beyond = core.reorder.holds_from(bye.chunks)
-            assert not legit or beyond, "the transmitter's own BYE, after every chunk was acked"
-            assert state is not RxState.SUCCEEDED and (not believable or beyond)
+            assert not legit, "the transmitter's own BYE, after every chunk was acknowledged"
+            assert state is not RxState.SUCCEEDED and not believable
             self._fail()
             return
         if state is not RxState.SUCCEEDED:
@@ -766,7 +785,8 @@ class RxSession(RuleBasedStateMachine):
             try:
                 answer = core.bye_answer()
             except TruncatedStream:
-                assert core.nbytes != self.believed.nbytes
+                assert core.reorder.written >= self.believed.chunks, "judged before the end"
+                assert core.nbytes != self.believed.nbytes and self.believed != self.total
                 self._fail()
                 return
             if answer is None:
@@ -780,10 +800,7 @@ class RxSession(RuleBasedStateMachine):
             self.waiting -= 1
 
     def _landable(self) -> list[int]:
-        return sorted(
-            i for i, c in self.copies.items()
-            if c.legit and (COPY_LANDS_DURING_DIRECT_WRITE
-                            or self.direct is None or self.direct.seq != c.seq))
+        return sorted(i for i, c in self.copies.items() if c.legit)
 
     def _writable(self) -> bool:
         """The writer runs when the sink is free and the next chunk is here."""
@@ -806,36 +823,34 @@ class RxSession(RuleBasedStateMachine):
     # -- the transmitter ----------------------------------------------------------------
 
     @precondition(lambda self: self.live and self.chunks)
-    @rule(data=st.data(), times=st.sampled_from([1, 1, 2, RX_WINDOW]), land=LANDS)
-    def transmitter_sends(self, data: st.DataObject, times: int, land: bool) -> None:
+    @rule(data=st.data(), times=st.sampled_from([1, 1, 2, RX_WINDOW]), then=FATES)
+    def transmitter_sends(self, data: st.DataObject, times: int, then: str) -> None:
         """Any chunk it may hold (within its window, or a copy sent earlier arriving late),
-        perhaps several times in a row: re-sent after stall upon stall.  If ``land``, the
-        copies that got a buffer arrive whole at once."""
+        perhaps several times in a row: re-sent after stall upon stall."""
         limit = min(len(self.chunks), self.tx_written + RX_WINDOW)
         seq = data.draw(st.integers(0, limit - 1), label="seq")
         before = set(self.copies)
         for _ in range(times):
             self._arrive(seq, len(self.chunks[seq]), legit=True)
-        if land:
-            self._land_new(before)
+        self._new_copies(before, then)
 
     @precondition(lambda self: self.live and self.chunks)
-    @rule(land=LANDS)
-    def transmitter_resends_its_window(self, land: bool = False) -> None:
-        """A stall: every chunk it still holds is sent again at once (on fresh connections);
-        if ``land``, those copies that got a buffer arrive whole at once."""
+    @rule(then=FATES)
+    def transmitter_resends_its_window(self, then: str = "stays") -> None:
+        """A stall: every chunk it still holds is sent again at once (on fresh connections)."""
         before = set(self.copies)
         for seq in range(self.tx_written, min(len(self.chunks), self.tx_written + RX_WINDOW)):
             if seq not in self.tx_freed:
                 self._arrive(seq, len(self.chunks[seq]), legit=True)
-        if land:
-            self._land_new(before)
+        self._new_copies(before, then)
 
-    def _land_new(self, before: set[int]) -> None:
-        landable = set(self._landable())
+    def _new_copies(self, before: set[int], then: str) -> None:
+        """The copies that got a buffer since ``before`` meet their fate."""
         for ident in sorted(set(self.copies) - before):
-            if ident in landable:
+            if then == "lands":
                 self._land(ident)
+            elif then == "tries direct" and self.direct is None:
+                self._try_direct(ident)
 
     @precondition(lambda self: self.live and self.chunks)
     @rule(data=st.data())
@@ -848,7 +863,27 @@ class RxSession(RuleBasedStateMachine):
         self._arrive(seq, len(self.chunks[seq]), legit=True)
         before = set(self.copies)
         self._arrive(seq, len(self.chunks[seq]), legit=True)
-        self._land_new(before)
+        self._new_copies(before, "lands")
+
+    @precondition(lambda self: self.live and self.direct is None
+                  and self.core.reorder.written < len(self.chunks))
+    @rule(cut=st.one_of(st.none(), st.integers(0, CHUNK)))
+    def splice_overtaken(self, cut: int | None) -> None:
+        """Two copies of the next chunk (a re-send): one goes straight to the sink, the other
+        lands in a buffer meanwhile; then the splice completes, or breaks off after ``cut``
+        bytes (and the chunk must come again)."""
+        seq = self.core.reorder.written
+        before = set(self.copies)
+        self._arrive(seq, len(self.chunks[seq]), legit=True)
+        self._arrive(seq, len(self.chunks[seq]), legit=True)
+        first, *others = sorted(set(self.copies) - before) or [None]
+        if first is None:
+            return
+        self._try_direct(first)
+        for ident in others:
+            self._land(ident)
+        if self.direct is not None:
+            self.direct_ends(whole=cut is None, n=cut or 0)
 
     @precondition(lambda self: self.live and self._landable())
     @rule(data=st.data())
@@ -858,20 +893,19 @@ class RxSession(RuleBasedStateMachine):
     def _land(self, ident: int) -> None:
         copy = self.copies.pop(ident)
         core = self.core
-        direct = self.direct is not None and self.direct.seq == copy.seq
-        # Past a believed end: no transmitter sent it, it is dropped like a copy going direct.
-        direct = direct or (self.believed is not None and copy.seq >= self.believed.chunks)
+        # Another copy is on its way to the sink (if it breaks off, this chunk must come
+        # again), or the copy is past a believed end: dropped, unacknowledged.
+        dropped = (self.direct is not None and self.direct.seq == copy.seq) or (
+            self.believed is not None and copy.seq >= self.believed.chunks)
         fresh = copy.seq >= core.reorder.written and not core.reorder.holds(copy.seq)
         before = core.buffers
         verdict = core.received(copy.seq, (copy.seq, self.chunks[copy.seq]))
-        kept = verdict is Claim.RECEIVE
-        assert kept == (fresh and not direct)
-        assert core.buffers == before - (not kept)
-        if direct:
-            # Another copy is on its way to the sink: this one is dropped unacknowledged.
-            assert verdict is Claim.DISCARD
-            return
-        self._ack(copy.seq, legit=True)  # kept, or another copy is: acknowledged either way
+        expected = (Claim.DISCARD if dropped
+                    else Claim.RECEIVE if fresh else Claim.DISCARD_ACK)
+        assert verdict is expected
+        assert core.buffers == before - (verdict is not Claim.RECEIVE)
+        if verdict is not Claim.DISCARD:
+            self._ack(copy.seq, legit=True)  # kept, or another copy is: acknowledged
 
     @precondition(lambda self: self.live and self.copies)
     @rule(data=st.data())
@@ -1012,13 +1046,28 @@ class RxSession(RuleBasedStateMachine):
                 self._try_direct(ident)
 
     @precondition(lambda self: self.live)
-    @rule(chunks=BYE_CHUNKS, nbytes=BYE_BYTES)
-    def stranger_says_bye(self, chunks: str | tuple[str, int], nbytes: tuple[str, int]) -> None:
-        """Any totals: the right ones (perhaps early), a prefix's, one off, or nonsense."""
+    @rule(chunks=BYE_CHUNKS, nbytes=BYE_BYTES, lethal=st.sampled_from([False] * 3 + [True]))
+    def stranger_says_bye(self, chunks: str | tuple[str, int], nbytes: tuple[str, int],
+                          lethal: bool) -> None:
+        """Any totals: the right ones (perhaps early), a prefix's, one off, or nonsense.
+
+        One that would end the story (fail the session, or set an end other than the
+        input's) is, unless ``lethal``, judged on a copy of the core only, so that the session
+        lives on to meet more."""
         n = self._seq(chunks)
         what, value = nbytes
         total = max(0, len(self.input[:n * CHUNK]) + value) if what == "true" else value
-        self._bye(Bye(n, min(total, U64)), legit=False)
+        bye = Bye(n, min(total, U64))
+        if not lethal and self.core.state is RxState.RECEIVING and bye != self.total:
+            probe = deepcopy(self.core)
+            if self._believable(bye):
+                probe.bye(bye)
+                assert probe.state is RxState.ENDING
+            else:
+                with pytest.raises(TruncatedStream):
+                    probe.bye(bye)
+            return
+        self._bye(bye, legit=False)
 
     @rule(
         version=st.one_of(st.just(PROTOCOL_VERSION),
@@ -1135,7 +1184,7 @@ class RxSession(RuleBasedStateMachine):
                     core.abandoned(self.copies.pop(ident).seq)
             while self.live and self._writable():
                 self._write_next()
-            self.transmitter_resends_its_window(land=True)
+            self.transmitter_resends_its_window(then="lands")
         self.transmitter_ends()
         assert not self.failed
         assert core.state is RxState.SUCCEEDED
@@ -1144,4 +1193,4 @@ class RxSession(RuleBasedStateMachine):
 
 
 TestRxSession = RxSession.TestCase
-TestRxSession.settings = settings(max_examples=250, stateful_step_count=40, deadline=None)
+TestRxSession.settings = settings(max_examples=150, stateful_step_count=80, deadline=None)

@@ -113,12 +113,12 @@ async def test_a_chunk_cut_short_is_completed_from_its_resend(tmp_path: Path, ag
         sink = CutOnce(fd)
         rx = Receiver(sink)
         if again == "buffered":
-            real_turn = rx._my_turn
+            real_turn = rx.output.my_turn
 
             async def turn(*args: object) -> bool:
                 return not sink.cut and await real_turn(*args)  # type: ignore[arg-type]
 
-            rx._my_turn = turn  # type: ignore[method-assign, assignment]
+            rx.output.my_turn = turn  # type: ignore[method-assign, assignment]
         with anyio.fail_after(30):
             await transfer(sink, receiver=rx)
         await sink.aclose()

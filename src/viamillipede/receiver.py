@@ -219,12 +219,9 @@ class Receiver:
         self._scratch = memoryview(bytearray(SCRATCH_SIZE))
         # Chunks go to the sink by splice (no copy) when sink and connection allow it; the
         # sink then has two users, the writer task and a connection's direct chunk, in turn.
-        self._splice_sink = sink if isinstance(sink, SpliceSink) and sink.can_splice else None
+        self.output = _Output(self, sink)
+        self._connections = _Connections(self)
         self._direct = False  # this session may splice (no checksum to verify)
-        self._sink_busy = False
-        self.spliced = 0  # chunks that went to the sink without a copy
-        self._parked: dict[int, Notifier] = {}  # connections waiting for a chunk's turn, by seq
-        self._arrived = Notifier()
         self._progress = Notifier()
         self._conns: dict[int, _Conn] = {}
         self._conn_closed = Notifier()
@@ -244,6 +241,11 @@ class Receiver:
     @property
     def state(self) -> RxState:
         return self._core.state
+
+    @property
+    def spliced(self) -> int:
+        """Chunks that went to the sink without a copy."""
+        return self.output.spliced
 
     @property
     def peak_buffer_bytes(self) -> int:
@@ -293,7 +295,7 @@ class Receiver:
         self._last_activity = anyio.current_time()
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            tg.start_soon(self._guard, self._writer)
+            tg.start_soon(self._guard, self.output.writer)
             tg.start_soon(self._guard, self._watchdog)
             if feeder is not None:
                 tg.start_soon(feeder, tg)
@@ -317,7 +319,7 @@ class Receiver:
             return
         conn = _Conn(stream, name)
         try:
-            await self._handle(conn)
+            await self._connections.handle(conn)
         except (LinkBroken, *STREAM_ERRORS) as exc:
             # Once the session is over, peers hanging up on us is expected, not news.
             level = logging.DEBUG if self._complete.is_set() else logging.WARNING
@@ -388,9 +390,73 @@ class Receiver:
 
     # -- admission -----------------------------------------------------------------------
 
+
+    def _bound(self) -> None:
+        """The first admitted HELLO fixed the session's parameters: set up for them."""
+        params = self._core.params
+        assert params is not None
+        self._counters.started = time.monotonic()
+        self._checksum = ALGORITHMS[params.checksum][1] if params.checksum else None
+        self._direct = self.output.splice_sink is not None and self._checksum is None
+        self._pool = BufferPool(params.chunk_size, keep=self._core.max_buffers)
+        log.info("session %s: chunk %d bytes, window %d, checksum %s",
+                 params.session_id.hex()[:12], params.chunk_size, params.window,
+                 ALGORITHMS[params.checksum][0] if params.checksum else "off")
+
+
+
+
+    # -- one connection ------------------------------------------------------------------
+
+
+
+
+    # -- chunks straight to the sink -----------------------------------------------------
+
+
+
+
+
+    def _chunk_written(self, length: int, conn: _Conn, *, buffered: bool) -> None:
+        seq = self._core.written(length, buffered=buffered)
+        self._counters.nbytes += length
+        self._counters.chunks += 1
+        self._progress.notify()
+        # Tell the transmitter the window moved, on a connection that still lives.
+        target = conn if not conn.closed else next(
+            (c for c in self._conns.values() if not c.closed), None
+        )
+        if target is not None:
+            target.queue(seq)
+
+    # -- the end -------------------------------------------------------------------------
+
+
+
+    async def _linger(self) -> None:
+        """Stay reachable a little while after success, until the transmitter confirms.
+
+        Normally its FIN arrives at once.  If BYE_OK was lost with its connection, the
+        transmitter reconnects and learns from the WELCOME that all is written.
+        """
+        with anyio.move_on_after(LINGER):
+            await self._confirmed.wait()
+        self._complete.set()
+
+    # -- the writer ----------------------------------------------------------------------
+
+
+
+class _Connections:
+    """What happens on each connection of the session: the handshake, then frames read and
+    judged by the core, payloads moved, acknowledgements queued."""
+
+    def __init__(self, rx: Receiver) -> None:
+        self.rx = rx
+
     async def _hello(self, conn: _Conn, reader: FrameReader) -> Hello | None:
         """The connection's HELLO, or None if it said nothing useful in time."""
-        self._gate.pending += 1
+        self.rx._gate.pending += 1
         try:
             with anyio.move_on_after(HANDSHAKE_TIMEOUT):
                 hello = await reader.next_event()
@@ -399,36 +465,24 @@ class Receiver:
                 assert isinstance(hello, Hello)  # the decoder accepts nothing else first
                 return hello
         finally:
-            self._gate.pending -= 1
-        self._counters.rejected += 1
+            self.rx._gate.pending -= 1
+        self.rx._counters.rejected += 1
         log.warning("dropped connection from %s: no HELLO within %g s", conn.name,
                     HANDSHAKE_TIMEOUT)
         return None
 
-    def _bound(self) -> None:
-        """The first admitted HELLO fixed the session's parameters: set up for them."""
-        params = self._core.params
-        assert params is not None
-        self._counters.started = time.monotonic()
-        self._checksum = ALGORITHMS[params.checksum][1] if params.checksum else None
-        self._direct = self._splice_sink is not None and self._checksum is None
-        self._pool = BufferPool(params.chunk_size, keep=self._core.max_buffers)
-        log.info("session %s: chunk %d bytes, window %d, checksum %s",
-                 params.session_id.hex()[:12], params.chunk_size, params.window,
-                 ALGORITHMS[params.checksum][0] if params.checksum else "off")
-
-    async def _handle(self, conn: _Conn) -> None:
+    async def handle(self, conn: _Conn) -> None:
         reader = FrameReader(conn.stream, Decoder.for_receiver(stream_payload=True), greedy=False)
         hello = await self._hello(conn, reader)
         if hello is None:
             return
-        unbound = self._core.params is None
-        admission = self._core.admit(hello)
-        if unbound and self._core.params is not None:
-            self._bound()  # before any await: the next connection may bring DATA at once
+        unbound = self.rx._core.params is None
+        admission = self.rx._core.admit(hello)
+        if unbound and self.rx._core.params is not None:
+            self.rx._bound()  # before any await: the next connection may bring DATA at once
         if not admission.accepted and not admission.session_over:
-            self._counters.rejected += 1
-            if await self._gate.answer_refusal(admission, conn.name):
+            self.rx._counters.rejected += 1
+            if await self.rx._gate.answer_refusal(admission, conn.name):
                 await conn.stream.send(encode(admission.welcome))
             return
         await conn.stream.send(encode(admission.welcome))
@@ -447,32 +501,30 @@ class Receiver:
                 tg.cancel_scope.cancel()
 
     def _join(self, conn: _Conn, hello: Hello) -> None:
-        self._last_activity = anyio.current_time()
-        self._counters.connections += 1
+        self.rx._last_activity = anyio.current_time()
+        self.rx._counters.connections += 1
         conn.index = conn.link.index = hello.conn_index
-        old = self._conns.get(conn.index)
+        old = self.rx._conns.get(conn.index)
         if old is not None:
             log.info("connection %d from %s replaces a stale one", conn.index, conn.name)
             old.scope.cancel()
-            self._counters.reconnects += 1
-        self._conns[conn.index] = conn
+            self.rx._counters.reconnects += 1
+        self.rx._conns[conn.index] = conn
         log.info("connection %d from %s accepted", conn.index, conn.name)
 
     async def _conn_sender(self, conn: _Conn, scope: anyio.CancelScope) -> None:
         try:
-            await conn.sender(lambda: self._core.reorder.written)
+            await conn.sender(lambda: self.rx._core.reorder.written)
         except STREAM_ERRORS as exc:
-            level = logging.DEBUG if self._complete.is_set() else logging.WARNING
+            level = logging.DEBUG if self.rx._complete.is_set() else logging.WARNING
             log.log(level, "connection %d from %s broke: %s", conn.index, conn.name, exc)
             conn.closed = True
             scope.cancel()
 
-    # -- one connection ------------------------------------------------------------------
-
     async def _receive_loop(self, conn: _Conn, reader: FrameReader) -> None:
         while True:
             event = await reader.next_event()
-            self._last_activity = anyio.current_time()
+            self.rx._last_activity = anyio.current_time()
             if isinstance(event, DataHeader):
                 await self._on_data(conn, reader, event)
             elif isinstance(event, Bye):
@@ -480,8 +532,8 @@ class Receiver:
                 await self._await_hangup(reader)
                 return
             elif isinstance(event, Fin):
-                if self._core.state is RxState.SUCCEEDED:
-                    self._confirmed.set()
+                if self.rx._core.state is RxState.SUCCEEDED:
+                    self.rx._confirmed.set()
                 return
             elif isinstance(event, Error):
                 raise RemoteFailure(f"the transmitter aborted: {event.message}")
@@ -492,53 +544,91 @@ class Receiver:
                 raise ProtocolError(f"unexpected {type(event).__name__}")
 
     async def _on_data(self, conn: _Conn, reader: FrameReader, header: DataHeader) -> None:
-        claim = self._core.data(header.seq, header.length)
+        claim = self.rx._core.data(header.seq, header.length)
         if claim is not Claim.RECEIVE:
-            await self._discard(reader, header.length)
+            await _discard(reader, self.rx._scratch, header.length)
             if claim is Claim.DISCARD_ACK:
-                self._counters.duplicates += 1
+                self.rx._counters.duplicates += 1
                 conn.queue(header.seq)
             return
-        if self._direct and await self._my_turn(conn, reader, header.seq):
+        if self.rx._direct and await self.rx.output.my_turn(conn, reader, header.seq):
             try:
-                await self._splice_chunk(conn, reader, header)
+                await self.rx.output.splice_chunk(conn, reader, header)
             finally:
-                self._core.turn_over()
-                self._release_sink()
+                self.rx._core.turn_over()
+                self.rx.output.release()
             return
-        assert self._pool is not None
-        buf = self._pool.get()
+        assert self.rx._pool is not None
+        buf = self.rx._pool.get()
         try:
             view = memoryview(buf)[: header.length]
             await reader.read_payload_into(view)
-            if self._checksum and self._checksum(view) != header.checksum:
+            if self.rx._checksum and self.rx._checksum(view) != header.checksum:
                 raise LinkBroken(f"checksum mismatch in chunk {header.seq}; discarded")
         except BaseException:
-            self._core.abandoned(header.seq)
-            self._pool.put(buf)
+            self.rx._core.abandoned(header.seq)
+            self.rx._pool.put(buf)
             raise
-        filed = self._core.received(header.seq, (buf, header.length, conn))
+        filed = self.rx._core.received(header.seq, (buf, header.length, conn))
         if filed is Claim.RECEIVE:
-            if header.seq == self._core.reorder.written:
-                self._arrived.notify()
+            if header.seq == self.rx._core.reorder.written:
+                self.rx.output.arrived.notify()
         else:
-            self._pool.put(buf)
-            self._counters.duplicates += 1
+            self.rx._pool.put(buf)
+            self.rx._counters.duplicates += 1
         if filed is not Claim.DISCARD:
             conn.queue(header.seq)
         conn.link.chunks += 1
         conn.link.nbytes += header.length
 
-    async def _discard(self, reader: FrameReader, length: int) -> None:
-        """Read and drop a payload we do not need, through a small scratch buffer."""
-        while length:
-            n = min(length, SCRATCH_SIZE)
-            await reader.read_payload_into(self._scratch[:n])
-            length -= n
 
-    # -- chunks straight to the sink -----------------------------------------------------
 
-    async def _my_turn(self, conn: _Conn, reader: FrameReader, seq: int) -> bool:
+    async def _on_bye(self, conn: _Conn, bye: Bye) -> None:
+        core = self.rx._core
+        core.bye(bye)
+        while (answer := core.bye_answer()) is None:
+            await self.rx._progress.wait()
+        if core.state is not RxState.SUCCEEDED:
+            await self.rx._sink.flush()
+        frame = encode(answer)
+        if not core.succeed():  # a BYE sent again after its connection broke
+            conn.queue(frame, final=True)
+            return
+        # On every live connection, so that one lost reply cannot leave the transmitter
+        # unsure of a complete transfer.
+        for other in self.rx._conns.values():
+            if not other.closed:
+                other.queue(frame, final=True)
+        # Started before any await: this connection may be cancelled from here on (replaced
+        # by a reconnect, or broken), and the end of the session must not depend on it.
+        assert self.rx._tg is not None
+        self.rx._tg.start_soon(self.rx._linger)
+        log.debug("BYE_OK queued after %d bytes; %d of %d chunks were spliced to the output",
+                  bye.nbytes, self.rx.output.spliced, bye.chunks)
+
+    async def _await_hangup(self, reader: FrameReader) -> None:
+        """Wait for the transmitter's FIN: proof that it knows the session is complete, and
+        so the last thing the receiver waits for before it exits."""
+        with contextlib.suppress(LinkBroken, ProtocolError):
+            if isinstance(await reader.next_event(), Fin):
+                self.rx._confirmed.set()
+
+
+class _Output:
+    """Who writes to the sink, and when: the writer task, in sequence, from the reorder buffer;
+    or, when a chunk arrives exactly in its turn, its connection, straight from the socket
+    (splice, no copy).  One at a time: ``busy`` says the sink is taken."""
+
+    def __init__(self, rx: Receiver, sink: Sink) -> None:
+        self.rx = rx
+        self.sink = sink
+        self.splice_sink = sink if isinstance(sink, SpliceSink) and sink.can_splice else None
+        self.busy = False
+        self.spliced = 0  # chunks that went to the sink without a copy
+        self.parked: dict[int, Notifier] = {}  # connections waiting for a chunk's turn, by seq
+        self.arrived = Notifier()
+
+    async def my_turn(self, conn: _Conn, reader: FrameReader, seq: int) -> bool:
         """Wait (a little) until chunk ``seq`` is the next to write and the sink is free; then
         hold the sink and say True.  False: take the buffered path after all.
 
@@ -547,129 +637,81 @@ class Receiver:
         """
         if not isinstance(conn.stream, SpliceTo) or reader.decoder.buffered:
             return False
-        reorder = self._core.reorder
+        reorder = self.rx._core.reorder
         # Woken only when this chunk's turn may have come, not at every chunk written.
-        turn = self._parked.setdefault(seq, Notifier())
+        turn = self.parked.setdefault(seq, Notifier())
         try:
             with anyio.move_on_after(PARK_LIMIT):
-                while reorder.written < seq or self._sink_busy:
+                while reorder.written < seq or self.busy:
                     await turn.wait()
         finally:
-            if self._parked.get(seq) is turn:
-                del self._parked[seq]
-        if self._sink_busy or not self._core.take_turn(seq):
+            if self.parked.get(seq) is turn:
+                del self.parked[seq]
+        if self.busy or not self.rx._core.take_turn(seq):
             return False
-        self._sink_busy = True
+        self.busy = True
         return True
 
-    def _next_turn(self) -> None:
+    def next_turn(self) -> None:
         """The sink is free: wake the connection holding the next chunk, if one waits."""
-        turn = self._parked.get(self._core.reorder.written)
+        turn = self.parked.get(self.rx._core.reorder.written)
         if turn is not None:
             turn.notify()
 
-    def _release_sink(self) -> None:
-        self._sink_busy = False
-        self._next_turn()
-        self._arrived.notify()  # the writer may hold the next chunk already
+    def release(self) -> None:
+        self.busy = False
+        self.next_turn()
+        self.arrived.notify()  # the writer may hold the next chunk already
 
-    async def _splice_chunk(self, conn: _Conn, reader: FrameReader, header: DataHeader) -> None:
+    async def splice_chunk(self, conn: _Conn, reader: FrameReader, header: DataHeader) -> None:
         """Move chunk ``header.seq`` (our turn, sink held) from the socket to the sink."""
-        assert isinstance(conn.stream, SpliceTo) and self._splice_sink is not None
-        core = self._core
+        assert isinstance(conn.stream, SpliceTo) and self.splice_sink is not None
+        core = self.rx._core
         length = header.length
         done = core.resume(header.seq, length)
         if done:  # a splice of this chunk broke off earlier: its first bytes are out already
-            await self._discard(reader, done)
+            await _discard(reader, self.rx._scratch, done)
 
         def moved(n: int) -> None:
             reader.decoder.payload_consumed(n)
             core.partial += n
 
         try:
-            await conn.stream.splice_to(self._splice_sink, length - done, moved)
+            await conn.stream.splice_to(self.splice_sink, length - done, moved)
         except STREAM_ERRORS as exc:
             raise LinkBroken(str(exc) or type(exc).__name__) from exc
         self.spliced += 1
-        self._chunk_written(length, conn, buffered=False)
+        self.rx._chunk_written(length, conn, buffered=False)
         conn.link.chunks += 1
         conn.link.nbytes += length
 
-    def _chunk_written(self, length: int, conn: _Conn, *, buffered: bool) -> None:
-        seq = self._core.written(length, buffered=buffered)
-        self._counters.nbytes += length
-        self._counters.chunks += 1
-        self._progress.notify()
-        # Tell the transmitter the window moved, on a connection that still lives.
-        target = conn if not conn.closed else next(
-            (c for c in self._conns.values() if not c.closed), None
-        )
-        if target is not None:
-            target.queue(seq)
-
-    # -- the end -------------------------------------------------------------------------
-
-    async def _on_bye(self, conn: _Conn, bye: Bye) -> None:
-        core = self._core
-        core.bye(bye)
-        while (answer := core.bye_answer()) is None:
-            await self._progress.wait()
-        if core.state is not RxState.SUCCEEDED:
-            await self._sink.flush()
-        frame = encode(answer)
-        if not core.succeed():  # a BYE sent again after its connection broke
-            conn.queue(frame, final=True)
-            return
-        # On every live connection, so that one lost reply cannot leave the transmitter
-        # unsure of a complete transfer.
-        for other in self._conns.values():
-            if not other.closed:
-                other.queue(frame, final=True)
-        # Started before any await: this connection may be cancelled from here on (replaced
-        # by a reconnect, or broken), and the end of the session must not depend on it.
-        assert self._tg is not None
-        self._tg.start_soon(self._linger)
-        log.debug("BYE_OK queued after %d bytes; %d of %d chunks were spliced to the output",
-                  bye.nbytes, self.spliced, bye.chunks)
-
-    async def _await_hangup(self, reader: FrameReader) -> None:
-        """Wait for the transmitter's FIN: proof that it knows the session is complete, and
-        so the last thing the receiver waits for before it exits."""
-        with contextlib.suppress(LinkBroken, ProtocolError):
-            if isinstance(await reader.next_event(), Fin):
-                self._confirmed.set()
-
-    async def _linger(self) -> None:
-        """Stay reachable a little while after success, until the transmitter confirms.
-
-        Normally its FIN arrives at once.  If BYE_OK was lost with its connection, the
-        transmitter reconnects and learns from the WELCOME that all is written.
-        """
-        with anyio.move_on_after(LINGER):
-            await self._confirmed.wait()
-        self._complete.set()
-
-    # -- the writer ----------------------------------------------------------------------
-
-    async def _writer(self) -> None:
-        sink = self._sink
-        core = self._core
+    async def writer(self) -> None:
+        sink = self.sink
+        core = self.rx._core
         while True:
-            if self._sink_busy or (ready := core.reorder.ready()) is None:
-                await self._arrived.wait()
+            if self.busy or (ready := core.reorder.ready()) is None:
+                await self.arrived.wait()
                 continue
             # Stays in the reorder buffer while being written, so BYE sees it as present.
             buf, length, conn = ready
             done = core.resume(core.reorder.written, length)
-            self._sink_busy = True
+            self.busy = True
             try:
                 await sink.write(memoryview(buf)[done:length])
             finally:
-                self._sink_busy = False
-            self._chunk_written(length, conn, buffered=True)
-            assert self._pool is not None
-            self._pool.put(buf)
-            self._next_turn()
+                self.busy = False
+            self.rx._chunk_written(length, conn, buffered=True)
+            assert self.rx._pool is not None
+            self.rx._pool.put(buf)
+            self.next_turn()
+
+
+async def _discard(reader: FrameReader, scratch: memoryview, length: int) -> None:
+    """Read and drop a payload we do not need, through a small scratch buffer."""
+    while length:
+        n = min(length, SCRATCH_SIZE)
+        await reader.read_payload_into(scratch[:n])
+        length -= n
 
 
 def _error_code(error: ViamillipedeError) -> int:

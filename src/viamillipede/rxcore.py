@@ -280,7 +280,8 @@ class ReceiverCore(Generic[T]):
             raise TruncatedStream(
                 f"the transmitter ended the stream at {bye.chunks} chunks, beyond the window "
                 f"({written} written); output is incomplete")
-        if self.reorder.holds_from(bye.chunks):
+        if (self.reorder.holds_from(bye.chunks) or self._direct >= bye.chunks
+                or (self.partial and written >= bye.chunks)):
             raise TruncatedStream(
                 f"the transmitter ended the stream at {bye.chunks} chunks but chunks beyond "
                 "that arrived; the stream cannot be trusted")
