@@ -50,7 +50,10 @@ class Session(RuleBasedStateMachine):
     def receive_ack(self, conn: int) -> None:
         if self.acks[conn]:
             seq, written = self.acks[conn].popleft()
-            self.sw.on_ack(conn, seq, written, self.now)
+            before = (self.sw.sizes(), self.sw.written, self.sw.srtt)
+            released = self.sw.on_ack(conn, seq, written, self.now)
+            if released is None:  # it told nothing new: nothing may have changed
+                assert (self.sw.sizes(), self.sw.written, self.sw.srtt) == before
 
     @rule(conn=conns)
     def lose_connection(self, conn: int) -> None:
@@ -104,8 +107,13 @@ class Session(RuleBasedStateMachine):
 
     @invariant()
     def nothing_unacked_is_forgotten(self) -> None:
-        """Every unacknowledged chunk is queued for sending or in flight on a connection."""
-        assert set(self.sw.unacked) <= self.sw.accounted()
+        """Every unacknowledged chunk is queued for sending or in flight on a connection:
+        exactly one of them."""
+        assert sorted(self.sw.accounted()) == sorted(self.sw.unacked)
+
+    @invariant()
+    def only_sent_chunks_are_written(self) -> None:
+        assert self.sw.written <= self.sw.sent <= self.sw.next_seq
 
     def teardown(self) -> None:
         """Whatever happened, a calm network finishes the stream, exactly."""

@@ -1,24 +1,15 @@
-"""The sending end of a session.
+"""The sending end of a session: the async driver around :class:`~viamillipede.txcore.Dispatcher`.
 
-One reader task fills chunk buffers from the source; ``threads`` connection tasks take chunks
-and send them; each connection's ACK reader releases chunks the receiver has confirmed.  The
-bookkeeping (what is unacked, what is in flight where, what must be sent again) lives in the
-pure :class:`~viamillipede.window.SendWindow`; this module adds the tasks, the waiting and the
-buffers.
+One task reads the source into chunks (:class:`~viamillipede.txsource.ChunkReader`); each of
+``threads`` connection tasks opens its connection, says HELLO, and then sends whatever the
+dispatcher tells it to, while a reader task hands every frame the receiver sends back to the
+dispatcher and a watcher drops the connection when it stalls.  What a frame means and which
+connection sends what next are decided in :mod:`viamillipede.txcore`; this module has the
+tasks, the waiting and the bytes.
 
-Which connection sends a chunk follows the target preference order: an idle connection to an
-earlier target is always woken first, and a connection counts as busy while it has its share
-of the window in flight.  So a slow source uses the first link only, and a fast one spills
-over to the next links.  On a path so fast that chunks are acknowledged within
-``FILL_BELOW_RTT`` (longer for a window of more than ``FILL_WINDOW_BYTES``), a connection's
-share is the whole window: it takes chunks for as long as it keeps up, and the others get only
-what it cannot take.  This dispatch is why chunks are not handed out through a plain memory
-channel: a channel serves whichever receiver waited longest, and cannot put re-sent chunks
-ahead of fresh ones.
-
-A connection that breaks, or holds chunks without any acknowledgement for longer than the
-adaptive stall timeout, is abandoned: its chunks go back to the front of the queue, and it
-reconnects with capped exponential backoff (so a dead target is re-probed, never hammered).
+A connection that breaks, stalls, or whose receiver breaks the protocol is dropped: its chunks
+go back to the front of the queue, and it reconnects with capped exponential backoff (so a dead
+target is re-probed, never hammered).
 """
 
 from __future__ import annotations
@@ -26,10 +17,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 
 import anyio
 import anyio.abc
@@ -42,24 +31,33 @@ from .errors import (
     PeerTimeout,
     ProtocolViolation,
     RemoteFailure,
-    TruncatedStream,
     ViamillipedeError,
 )
-from .framing import STREAM_ERRORS, BufferPool, FrameReader, Notifier, first_error
+from .framing import STREAM_ERRORS, FrameReader, Notifier, first_error
 from .options import (
     DEFAULT_CHECKPHRASE,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_THREADS,
     DEFAULT_TIMEOUT,
-    HANDSHAKE_TIMEOUT,
     default_window,
     encode_checkphrase,
 )
 from .stats import Counters, LinkCounters, Report, TransferStats, link_stats, target_stats
-from .transport import ConnectFailed
-from .window import SendWindow
+from .streams import ConnectFailed
+from .txcore import (
+    FILL_BELOW_RTT,
+    FILL_WINDOW_BYTES,
+    Backoff,
+    Dispatcher,
+    Released,
+    Step,
+    Wakes,
+    fill_threshold,
+)
+from .txsource import Chunk, ChunkReader, ChunkSender, Source
 from .wire import (
-    DATA_HEADER_SIZE,
+    ERROR_MEANING,
+    WELCOME_MEANING,
     Ack,
     Bye,
     ByeOk,
@@ -67,116 +65,26 @@ from .wire import (
     Decoder,
     Error,
     ErrorCode,
+    Event,
     Fin,
     Hello,
     ProtocolError,
+    RemoteProtocolError,
     Welcome,
     WelcomeStatus,
     encode,
-    pack_data_header,
 )
 
+__all__ = ["Connector", "Source", "Transmitter"]
+
 log = logging.getLogger("viamillipede.tx")
-
-
-class Source(Protocol):
-    """Where the stream comes from: ``readinto`` returns 0 at end of stream."""
-
-    async def readinto(self, view: memoryview) -> int: ...
-
-
-class RegionSource(Protocol):
-    """A source that is a file the kernel can send from (see ``FdSource``): chunks are regions
-    of it, sent with ``SocketStream.send_file`` and re-read if they must be sent again."""
-
-    file_fd: int | None
-
-    def claim(self, size: int) -> tuple[int, int]: ...
-
-    async def pread(
-        self, view: memoryview, offset: int, digest: Callable[[memoryview], int] | None = None
-    ) -> int: ...
-
 
 #: Opens connection number ``index`` (0-based); raises ConnectFailed if it cannot.
 Connector = Callable[[int], Awaitable[anyio.abc.ByteStream]]
 
-
-class _Chunk:
-    """A chunk in the window: its frame in a pooled ``buf``, or (``offset`` >= 0) only its
-    header in ``buf`` and the payload in the source file at ``offset``."""
-
-    __slots__ = ("acked", "buf", "length", "offset", "sending")
-
-    def __init__(self, buf: bytearray, length: int, offset: int = -1) -> None:
-        self.buf = buf
-        self.length = length
-        self.offset = offset
-        self.sending = 0  # sends of this buffer in progress: it is not reused before 0
-        self.acked = False
-
-    def frame(self) -> memoryview:
-        return memoryview(self.buf)[: DATA_HEADER_SIZE + self.length]
-
-    def header(self) -> memoryview:
-        return memoryview(self.buf)[:DATA_HEADER_SIZE]
-
-
-class _SessionOver(Exception):
-    """The receiver already completed our session when this connection arrived."""
-
-
-class _Turns:
-    """Idle connections waiting for something to send, woken best target rank first."""
-
-    def __init__(self) -> None:
-        self._waiting: dict[int, tuple[int, anyio.Event]] = {}
-
-    async def wait(self, conn: int, rank: int) -> None:
-        event = anyio.Event()
-        self._waiting[conn] = (rank, event)
-        try:
-            await event.wait()
-        except BaseException:
-            if event.is_set():
-                self.wake(1)  # we were chosen but are leaving: hand the turn on
-            raise
-        finally:
-            self._waiting.pop(conn, None)
-
-    def wake(self, n: int) -> list[tuple[int, int]]:
-        """Wake the ``n`` best idle connections; returns them as (conn, rank)."""
-        best = sorted(self._waiting.items(), key=lambda item: (item[1][0], item[0]))[:n]
-        for conn, (_rank, event) in best:
-            del self._waiting[conn]
-            event.set()
-        return [(conn, rank) for conn, (rank, _event) in best]
-
-    def best_rank(self) -> int | None:
-        """The best rank among the idle connections, or None if none is idle."""
-        return min((rank for rank, _ in self._waiting.values()), default=None)
-
-
-#: How long a partly filled chunk waits for more input before it is sent as it is.
-FLUSH_AFTER = 0.2
-
-#: While chunks are acknowledged faster than this (smoothed), the path is fast enough that
-#: spreading chunks over connections buys nothing: one connection takes chunks for as long as
-#: it keeps up, and the others only get what it cannot take.  On loopback, spreading made
-#: the transmitter do the receiving kernel's work for every connection the receiver was not
-#: reading (1 GiB, threads 4: 1.17x -> 1.30x the C original; 1.71x once a woken connection
-#: counted as running, see _wake_for_chunk); a path whose flows are limited
-#: (a chunk takes 100 ms at 20 MB/s) keeps every connection to its share of the window.
-FILL_BELOW_RTT = 0.010
-#: ...per this many bytes of window: a larger window (more threads, bigger chunks) takes
-#: longer to drain even on loopback, where the ACK of a chunk waits for those ahead of it
-#: (threads 16: 64 MiB, about 20 ms).  A flow-limited path stays well above it: a 2 MiB
-#: chunk alone takes 100 ms at 20 MB/s.
-FILL_WINDOW_BYTES = 16 << 20
-
-#: First and longest pause between attempts to (re)connect one connection.
-BACKOFF_START = 0.1
-BACKOFF_CAP = 10.0
+#: How long a send that is only a courtesy (ERROR when failing, FIN after success) may take:
+#: the receiver finds out by its own timeout or linger time if it does not arrive.
+BEST_EFFORT_TIMEOUT = 2.0
 
 
 class Transmitter:
@@ -203,65 +111,46 @@ class Transmitter:
     ) -> None:
         if not 1 <= threads <= 64:
             raise ValueError("threads must be between 1 and 64")
-        self._source = source
+        window = window if window is not None else default_window(threads)
         self._connect = connect
         self._threads = threads
-        self._chunk_size = chunk_size
-        self._window = window if window is not None else default_window(threads)
-        self._per_conn = max(2, self._window // threads)
-        self._fill_below = FILL_BELOW_RTT * max(1.0, self._window * chunk_size / FILL_WINDOW_BYTES)
-        self._checkphrase_text = checkphrase
-        self._checkphrase = encode_checkphrase(checkphrase)
+        self._window = window
         self._timeout = idle_timeout
         self._describe = describe or (lambda i: f"connection {i}")
-        self._rank = rank or (lambda i: 0)
         self.session_id = session_id if session_id is not None else os.urandom(16)
         algorithm = checksums.DEFAULT if checksum is True else int(checksum)
-        self._features = algorithm
-        self._checksum_fn = checksums.ALGORITHMS[algorithm][1] if algorithm else None
-        # A regular file is sent from the page cache.  With checksums each region is read
-        # once, into a buffer kept until the chunk is acknowledged: hashed and re-sent from
-        # that one copy, so what arrives is what was hashed even if the file changes.
-        self._regions: RegionSource | None = None
-        if getattr(source, "file_fd", None) is not None:
-            self._regions = source  # type: ignore[assignment]  # checked just above
-        # Only a checksummed file's chunks go by reference (send_pages).  From a pipe on stdin
-        # it measured slower than send (1 GiB from cat, t4: 0.75-0.86 s against 0.70-0.75 s).
-        self._by_reference = self._checksum_fn is not None and self._regions is not None
-
-        self._pool = BufferPool(DATA_HEADER_SIZE + chunk_size, keep=self._window + threads)
-        self._sw: SendWindow[_Chunk] = SendWindow(self._window)
-        self._turns = _Turns()
-        self._running: dict[int, int] = {}  # connections that took a chunk and will take more
-        self._acked = Notifier()  # an ACK arrived: window or in-flight room may have opened
-        self._eof = False
-        self._total_bytes = 0
-        self._bye_state = "none"  # none -> pending -> sent (-> pending again if its link broke)
-        self._bye_conn = -1
-        self._bye_sent_at = 0.0
-        self._done = anyio.Event()
-        self._error: ViamillipedeError | None = None
-        self._last_progress = 0.0
-        self._last_connect_error = ""
+        self._hello = Hello(checkphrase=encode_checkphrase(checkphrase),
+                            session_id=self.session_id, conn_index=0, chunk_size=chunk_size,
+                            window=window, features=algorithm)
+        self._checkphrase = checkphrase
+        ranks = [rank(i) if rank else 0 for i in range(threads)]
+        fill = fill_threshold(window, chunk_size, below=FILL_BELOW_RTT,
+                              per_bytes=FILL_WINDOW_BYTES)
+        digest = checksums.ALGORITHMS[algorithm][1] if algorithm else None
         self._counters = Counters("tx")
         name_target = target or (lambda i: "receiver")
         self._links = {i: LinkCounters(i, name_target(i)) for i in range(threads)}
-        self._live: dict[int, anyio.abc.ByteStream] = {}  # handshaken streams, by connection
-        self._mid_send: set[int] = set()  # connections whose stream is inside a frame
+        self._shared = _Shared(
+            Dispatcher(window, ranks, fill_below=fill),
+            ChunkReader(source, chunk_size, keep=window + threads, checksum=digest),
+            self._counters, self._links)
+        self._error: ViamillipedeError | None = None
+        self._last_connect_error = ""
 
     # -- public --------------------------------------------------------------------------
 
     def statistics(self) -> TransferStats:
         snap = self._counters.snapshot()
-        return dataclasses.replace(snap, retransmits=self._sw.retransmits)
+        return dataclasses.replace(snap, retransmits=self._shared.core.window.retransmits)
 
     def report(self) -> Report:
         now = anyio.current_time()
-        links = [link_stats(link, self._sw.inflight(i), now) for i, link in self._links.items()]
+        sw = self._shared.core.window
+        links = [link_stats(link, sw.inflight(i), now) for i, link in self._links.items()]
         return Report(
             totals=self.statistics(),
             window=self._window,
-            window_used=self._sw.next_seq - self._sw.written,
+            window_used=sw.next_seq - sw.written,
             reorder_depth=0,
             connections=tuple(links),
             targets=target_stats(links),
@@ -273,39 +162,26 @@ class Transmitter:
 
     async def run(self) -> TransferStats:
         """Send the whole source; return only once the receiver confirmed every byte."""
-        self._last_progress = anyio.current_time()
+        done = self._shared.done
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._guard, self._read_source)
             tg.start_soon(self._guard, self._watchdog)
             for i in range(self._threads):
                 tg.start_soon(self._guard, self._connection_loop, i)
-            await self._done.wait()
+            await done.wait()
             if self._error is not None:
-                await self._tell_receiver(self._error)
+                await self._shared.tell_receiver(self._error)
             tg.cancel_scope.cancel()
         if self._error is not None:
             raise self._error
         return self.statistics()
-
-    async def _tell_receiver(self, error: ViamillipedeError) -> None:
-        """Best effort: say ERROR on every connection that sits at a frame boundary, so the
-        receiver stops at once instead of waiting out its timeout."""
-        if isinstance(error, (RemoteFailure, PeerRejected)):
-            return  # the receiver ended it, or will not talk to us
-        code = ErrorCode.ABORTED if isinstance(error, Interrupted) else ErrorCode.SOURCE_FAILED
-        frame = encode(Error(int(code), str(error)))
-        with anyio.move_on_after(1.0):
-            for conn, stream in list(self._live.items()):
-                if conn not in self._mid_send:
-                    with contextlib.suppress(*STREAM_ERRORS):
-                        await stream.send(frame)
 
     # -- plumbing ------------------------------------------------------------------------
 
     def _fail(self, exc: ViamillipedeError) -> None:
         if self._error is None:
             self._error = exc
-        self._done.set()
+        self._shared.done.set()
 
     async def _guard(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         try:
@@ -313,206 +189,206 @@ class Transmitter:
         except ViamillipedeError as exc:
             self._fail(exc)
 
-    def _on_ack(self, conn: int, seq: int, written: int) -> None:
-        now = anyio.current_time()
-        self._last_progress = now
-        for chunk in self._sw.on_ack(conn, seq, written, now):
-            chunk.acked = True
-            if chunk.sending == 0:
-                self._release(chunk)
-        self._acked.notify()
-        self._maybe_finish()
-
-    def _release(self, chunk: _Chunk) -> None:
-        if chunk.offset < 0:
-            self._pool.put(chunk.buf)
-
-    def _maybe_finish(self) -> None:
-        if self._eof and self._sw.all_acked() and self._bye_state == "none":
-            self._bye_state = "pending"
-            self._turns.wake(1)
-
-    # -- source --------------------------------------------------------------------------
-
-    def _add_chunk(self, chunk: _Chunk) -> None:
-        sw = self._sw
-        if sw.all_acked():
-            self._last_progress = anyio.current_time()
-        sw.add(chunk)
-        self._counters.chunks += 1
-        self._counters.nbytes += chunk.length
-        self._total_bytes += chunk.length
-        self._wake_for_chunk()
-
-    def _filling(self) -> bool:
-        srtt = self._sw.srtt
-        return srtt is not None and srtt < self._fill_below
-
-    def _wake_for_chunk(self) -> None:
-        """Wake an idle connection for a new chunk, unless (on a fast path) a running one of
-        no worse rank will take it."""
-        if self._filling() and self._running:
-            idle = self._turns.best_rank()
-            if idle is None or idle >= min(self._running.values()):
-                return
-        for conn, rank in self._turns.wake(1):
-            # Running from now on, not once it gets to run: a second chunk added before
-            # then must wait for it too, not wake the next idle connection (that leak gave
-            # the other connections 35-50% of the chunks on loopback).
-            self._running[conn] = rank
-
-    def _source_ended(self) -> None:
-        self._eof = True
-        log.debug("end of input after %d bytes in %d chunks", self._total_bytes,
-                  self._sw.next_seq)
-        self._maybe_finish()
-
     async def _read_source(self) -> None:
-        if self._regions is not None:
-            await self._claim_regions(self._regions)
-            return
-        size = self._chunk_size
-        sw = self._sw
+        shared = self._shared
+        core, chunks, counters = shared.core, shared.chunks, self._counters
         while True:
-            while not sw.can_add():
-                await self._acked.wait()
-            buf = self._pool.get()
-            view = memoryview(buf)
-            n = 0
-            eof = False
-            end = DATA_HEADER_SIZE + size
-            # A trickling source (a log, a slow producer) must not wait for a whole chunk to
-            # fill: once some bytes are in, a pause of FLUSH_AFTER sends what there is.  Only
-            # where cancelling a read cannot lose bytes.
-            patience = FLUSH_AFTER if getattr(self._source, "cancel_safe", False) else math.inf
-            while n < size:
-                with anyio.move_on_after(patience if n else math.inf):
-                    got = await self._source.readinto(view[DATA_HEADER_SIZE + n : end])
-                    if got == 0:
-                        eof = True
-                        break
-                    n += got
-                    continue
-                break  # the source paused with a partial chunk in hand
-            if n:
-                payload = view[DATA_HEADER_SIZE : DATA_HEADER_SIZE + n]
-                crc = self._checksum_fn(payload) if self._checksum_fn else 0
-                pack_data_header(buf, sw.next_seq, n, crc)
-                self._add_chunk(_Chunk(buf, n))
-            else:
-                self._pool.put(buf)
-            if eof:
-                self._source_ended()
+            while not core.can_add():
+                await shared.acked.wait()
+            chunk = await chunks.next(core.window.next_seq)
+            if chunk is None:
+                shared.wake(core.end_of_stream(anyio.current_time()))
+                log.debug("end of input after %d bytes in %d chunks", core.nbytes,
+                          core.window.next_seq)
                 return
-
-    async def _claim_regions(self, source: RegionSource) -> None:
-        sw = self._sw
-        while True:
-            while not sw.can_add():
-                await self._acked.wait()
-            offset, n = source.claim(self._chunk_size)
-            if n == 0:
-                self._source_ended()
-                return
-            if self._checksum_fn is not None:
-                # The bytes must be read to be hashed anyway: keep them, and send them from
-                # memory.  Cheaper than sendfile'ing the file's pages afterwards (see
-                # SocketStream.send_pages), and a re-send needs no second read.
-                buf = self._pool.get()
-                view = memoryview(buf)[DATA_HEADER_SIZE : DATA_HEADER_SIZE + n]
-                try:
-                    crc = await source.pread(view, offset, self._checksum_fn)
-                except BaseException:
-                    self._pool.put(buf)
-                    raise
-                pack_data_header(buf, sw.next_seq, n, crc)
-                self._add_chunk(_Chunk(buf, n))
-                continue
-            header = bytearray(DATA_HEADER_SIZE)
-            pack_data_header(header, sw.next_seq, n, 0)
-            self._add_chunk(_Chunk(header, n, offset))
+            counters.chunks += 1
+            counters.nbytes += chunk.length
+            shared.wake(core.add(chunk, chunk.length, anyio.current_time()))
 
     async def _watchdog(self) -> None:
+        core = self._shared.core
+        started = anyio.current_time()
         while True:
-            deadline = self._last_progress + self._timeout
             now = anyio.current_time()
-            if now < deadline:
-                await anyio.sleep_until(deadline)
-                continue
+            idle = core.idle_for(now)
             if self._counters.connections == 0:
-                raise PeerTimeout(
-                    f"could not reach any receiver for {self._timeout:g} s "
-                    f"(last error: {self._last_connect_error or 'none'})"
-                )
-            if not self._sw.all_acked() or self._bye_state != "none":
-                raise PeerTimeout(
-                    f"no progress from the receiver for {self._timeout:g} s "
-                    f"({self._sw.written} of {self._sw.next_seq} chunks confirmed written); "
-                    "is it still running?"
-                )
-            # Waiting on a slow source is not the receiver's fault.
-            self._last_progress = now
+                idle = max(idle, now - started)
+            if idle >= self._timeout:
+                raise self._timeout_error()
+            await anyio.sleep(self._timeout - idle)
+
+    def _timeout_error(self) -> PeerTimeout:
+        if self._counters.connections == 0:
+            return PeerTimeout(
+                f"could not reach any receiver for {self._timeout:g} s "
+                f"(last error: {self._last_connect_error or 'none'})"
+            )
+        sw = self._shared.core.window
+        return PeerTimeout(
+            f"no progress from the receiver for {self._timeout:g} s "
+            f"({sw.written} of {sw.next_seq} chunks confirmed written); is it still running?"
+        )
 
     # -- connections ---------------------------------------------------------------------
 
-    async def _connection_loop(self, index: int) -> None:
-        delay = BACKOFF_START
-        name = self._describe(index)
-        first = True
+    async def _connection_loop(self, conn: int) -> None:
+        """Keep connection ``conn`` up until the session ends, reconnecting with backoff."""
+        backoff = Backoff()
+        name = self._describe(conn)
+        link = self._links[conn]
+        hello = dataclasses.replace(self._hello, conn_index=conn)
+        done = self._shared.done
+        connected = False
         while True:
-            link = self._links[index]
             link.state, link.next_try = "connecting", None
             try:
-                stream = await self._connect(index)
+                stream = await self._connect(conn)
             except ConnectFailed as exc:
                 self._last_connect_error = str(exc)
+                delay = backoff.next()
                 log.info("%s: %s; next try in %.1f s", name, exc, delay)
                 link.state, link.next_try = "down", anyio.current_time() + delay
                 await anyio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_CAP)
                 continue
-            if not first:
+            if connected:
                 self._counters.reconnects += 1
                 link.reconnects += 1
-            first = False
-            progressed = [False]
+            connected = True
+            connection = _Connection(self._shared, conn, name, stream)
             try:
                 async with stream:
-                    try:
-                        await self._serve(index, name, stream, progressed)
-                    except _SessionOver:
-                        await self._confirm(stream)
-                        return
+                    await connection.run(hello, self._checkphrase)
+                return  # the session is over
             except LinkBroken as exc:
-                if progressed[0]:
-                    delay = BACKOFF_START  # it worked for a while: a quick reconnect is fair
+                if connection.progressed:
+                    backoff.reset()  # it worked for a while: a quick reconnect is fair
+                delay = backoff.next()
                 # When a receiver fails it hangs up on every connection and sends ERROR on
                 # some: wait out the backoff first, so that a session ending this way is
                 # reported once, by its reason, not by every connection it took down.
                 link.state, link.next_try = "backoff", anyio.current_time() + delay
                 with anyio.move_on_after(delay):
-                    await self._done.wait()
-                if self._done.is_set():
+                    await done.wait()
+                if done.is_set():
                     return
                 log.warning("%s broke: %s; its chunks went to the other connections", name, exc)
-                delay = min(delay * 2, BACKOFF_CAP)
 
-    async def _serve(
-        self, index: int, name: str, stream: anyio.abc.ByteStream, progressed: list[bool]
-    ) -> None:
-        reader = FrameReader(stream, Decoder.for_transmitter(), greedy=True)
-        hello = Hello(
-            checkphrase=self._checkphrase,
-            session_id=self.session_id,
-            conn_index=index,
-            chunk_size=self._chunk_size,
-            window=self._window,
-            features=self._features,
-        )
+
+class _Shared:
+    """What the tasks of one transmitter share: the dispatcher, the chunks, the wake-ups."""
+
+    def __init__(self, core: Dispatcher[Chunk], chunks: ChunkReader, counters: Counters,
+                 links: dict[int, LinkCounters]) -> None:
+        self.core = core
+        self.chunks = chunks
+        self.counters = counters
+        self.links = links
+        self.acked = Notifier()  # a useful ACK arrived: window or in-flight room may be free
+        self.turns: dict[int, anyio.Event] = {}  # idle connections, each woken by its event
+        self.done = anyio.Event()
+        self.live: dict[int, anyio.abc.ByteStream] = {}  # handshaken streams, by connection
+        self.mid_send: set[int] = set()  # connections whose stream is inside a frame
+
+    def wake(self, conns: Wakes) -> None:
+        for conn in conns:
+            event = self.turns.pop(conn, None)
+            if event is not None:
+                event.set()
+
+    async def wait_turn(self, conn: int) -> None:
+        """Wait until the dispatcher wakes ``conn`` (it said IDLE just now)."""
+        event = anyio.Event()
+        self.turns[conn] = event
         try:
-            with anyio.fail_after(HANDSHAKE_TIMEOUT):
-                await stream.send(encode(hello))
-                welcome = await reader.next_event()
+            await event.wait()
+        finally:
+            if self.turns.get(conn) is event:
+                del self.turns[conn]
+
+    def released(self, result: Released[Chunk]) -> None:
+        """Chunks were acknowledged: reuse their buffers once no send of them is running."""
+        items, wakes = result
+        for chunk in items:
+            chunk.acked = True
+            if chunk.sending == 0:
+                self.chunks.release(chunk)
+        self.acked.notify()
+        self.wake(wakes)
+
+    async def confirm(self, stream: anyio.abc.ByteStream) -> None:
+        """Tell the receiver we know it is done (FIN), so it can stop listening; then finish.
+
+        Best effort: if FIN is lost too, the receiver stops waiting after its linger time.
+        """
+        with anyio.move_on_after(BEST_EFFORT_TIMEOUT), contextlib.suppress(*STREAM_ERRORS):
+            await stream.send(encode(Fin(*self.core.totals())))
+        self.done.set()
+
+    async def tell_receiver(self, error: ViamillipedeError) -> None:
+        """Best effort: say ERROR on every connection that sits at a frame boundary, so the
+        receiver stops at once instead of waiting out its timeout."""
+        if isinstance(error, (RemoteFailure, PeerRejected)):
+            return  # the receiver ended it, or will not talk to us
+        code = ErrorCode.ABORTED if isinstance(error, Interrupted) else ErrorCode.SOURCE_FAILED
+        frame = encode(Error(int(code), str(error)))
+        with anyio.move_on_after(BEST_EFFORT_TIMEOUT):
+            for conn, stream in list(self.live.items()):
+                if conn not in self.mid_send:
+                    with contextlib.suppress(*STREAM_ERRORS):
+                        await stream.send(frame)
+
+
+class _Connection:
+    """One stream of connection ``conn``: HELLO, then chunks out and ACKs in, until it is
+    dropped (:meth:`run` raises LinkBroken) or the session ends."""
+
+    def __init__(self, shared: _Shared, conn: int, name: str,
+                 stream: anyio.abc.ByteStream) -> None:
+        self._shared = shared
+        self._conn = conn
+        self._name = name
+        self._stream = stream
+        self.progressed = False  # a useful ACK arrived here: reconnect quickly if it breaks
+
+    async def run(self, hello: Hello, checkphrase: str) -> None:
+        """Returns once the session is over; raises LinkBroken to have the connection dropped
+        (a broken stream, a stall, a frame the receiver had no business sending)."""
+        shared, core, conn = self._shared, self._shared.core, self._conn
+        reader = FrameReader(self._stream, Decoder.for_transmitter(), greedy=True)
+        welcome = await self._handshake(reader, hello, checkphrase)
+        if welcome.status == WelcomeStatus.SESSION_OVER:
+            # Our BYE_OK was lost with its connection; this WELCOME says the same thing.
+            core.on_session_over(welcome.written)
+            log.debug("the receiver reports the session complete")
+            await shared.confirm(self._stream)
+            return
+        try:
+            shared.released(core.on_welcome(conn, welcome.written, anyio.current_time()))
+            shared.counters.connections += 1
+            shared.links[conn].state = "up"
+            shared.live[conn] = self._stream
+            log.info("%s: connected", self._name)
+            with first_error():
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._read_acks, reader)
+                    tg.start_soon(self._watch_stall)
+                    await self._send_loop()
+        except RemoteProtocolError as exc:
+            raise LinkBroken(f"protocol violation: {exc}") from exc
+        except STREAM_ERRORS as exc:
+            raise LinkBroken(str(exc) or type(exc).__name__) from exc
+        finally:
+            shared.live.pop(conn, None)
+            shared.mid_send.discard(conn)  # the next stream of this index starts clean
+            lost = core.window.inflight(conn)
+            shared.wake(core.connection_lost(conn))
+            shared.links[conn].retransmits += lost
+
+    async def _handshake(self, reader: FrameReader, hello: Hello, checkphrase: str) -> Welcome:
+        try:
+            with anyio.fail_after(self._shared.core.handshake_limit()):
+                await self._stream.send(encode(hello))
+                answer = await reader.next_event()
         except TimeoutError:
             raise LinkBroken("no answer to HELLO") from None
         except STREAM_ERRORS as exc:
@@ -520,201 +396,119 @@ class Transmitter:
         except ProtocolError as exc:
             # Not a flaky link: whatever listens there does not speak our protocol.
             raise ProtocolViolation(
-                f"{name}: the peer is not a viamillipede receiver ({exc})"
+                f"{self._name}: the peer is not a viamillipede receiver ({exc})"
             ) from exc
-        self._check_welcome(welcome)
-        assert isinstance(welcome, Welcome)
-        self._counters.connections += 1
-        self._links[index].state = "up"
-        self._live[index] = stream
-        log.info("%s: connected", name)
-        self._on_ack(index, -1, welcome.written)
+        return check_welcome(answer, hello, checkphrase)
 
-        try:
-            with first_error():
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._read_acks, index, reader, progressed)
-                    tg.start_soon(self._watch_stall, index)
-                    await self._send_chunks(index, stream)
-        except (ProtocolError, *STREAM_ERRORS) as exc:
-            raise LinkBroken(str(exc) or type(exc).__name__) from exc
-        finally:
-            self._live.pop(index, None)
-            self._mid_send.discard(index)  # the next stream of this index starts clean
-            if not self._done.is_set():
-                lost = self._sw.connection_lost(index)
-                self._links[index].retransmits += lost
-                if lost:
-                    self._turns.wake(lost)
-                if self._bye_state == "sent" and self._bye_conn == index:
-                    self._bye_state = "pending"
-                    self._turns.wake(1)
-
-    async def _send_chunks(self, conn: int, stream: anyio.abc.ByteStream) -> None:
-        """Send what this connection is given, until the connection fails."""
-        rank = self._rank(conn)
-        try:
-            await self._send_loop(conn, stream, rank, self._links[conn])
-        finally:
-            self._running.pop(conn, None)
-
-    async def _send_loop(
-        self, conn: int, stream: anyio.abc.ByteStream, rank: int, link: LinkCounters
-    ) -> None:
-        sw = self._sw
+    async def _send_loop(self) -> None:
+        """Do what the dispatcher says, until the connection fails."""
+        shared, core, conn = self._shared, self._shared.core, self._conn
+        sender = ChunkSender(self._stream, shared.chunks)
+        link = shared.links[conn]
+        done = shared.done
         while True:
-            if self._done.is_set():
+            if done.is_set():
                 await anyio.sleep_forever()  # the end: only ERROR may still go out
-            if self._bye_state == "pending":
-                self._bye_state = "sent"
-                self._bye_conn = conn
-                self._bye_sent_at = anyio.current_time()
-                await stream.send(encode(Bye(sw.next_seq, self._total_bytes)))
-                continue
-            share = self._window if self._filling() else self._per_conn
-            if sw.inflight(conn) >= share:
-                if self._running.pop(conn, None) is not None and sw.has_work():
-                    self._turns.wake(1)  # it took what it may: the rest goes elsewhere
-                await self._acked.wait()  # busy: leave new chunks to other connections
-                continue
-            taken = sw.take(conn, anyio.current_time())
-            if taken is None:
-                self._running.pop(conn, None)
-                await self._turns.wait(conn, rank)
-                continue
-            self._running[conn] = rank
-            _seq, chunk = taken
-            chunk.sending += 1
-            self._mid_send.add(conn)
-            try:
-                if chunk.offset < 0:
-                    await self._send_buffered(stream, chunk)
-                else:
-                    await self._send_region(stream, chunk)
-                self._mid_send.discard(conn)  # only a completed send ends the frame
-                link.chunks += 1
-                link.nbytes += chunk.length
-            finally:
-                chunk.sending -= 1
-                if chunk.acked and chunk.sending == 0:
-                    self._release(chunk)
+            step, taken, wakes = core.step(conn, anyio.current_time())
+            if wakes:
+                shared.wake(wakes)
+            if step is Step.SEND_CHUNK:
+                assert taken is not None
+                await self._send_chunk(sender, taken[1], link)
+            elif step is Step.BUSY:
+                await shared.acked.wait()  # busy: leave new chunks to other connections
+            elif step is Step.IDLE:
+                await shared.wait_turn(conn)
+            elif step is Step.SEND_BYE:
+                shared.mid_send.add(conn)
+                await self._stream.send(encode(Bye(*core.totals())))
+                shared.mid_send.discard(conn)
+            else:
+                await anyio.sleep_forever()  # the session succeeded
 
-    async def _send_buffered(self, stream: anyio.abc.ByteStream, chunk: _Chunk) -> None:
-        send_pages = getattr(stream, "send_pages", None)
-        if send_pages is not None and self._by_reference:
-            # The payload's pages go to the socket by reference, so the kernel reads them
-            # after this returns; the buffer is reused only once the chunk is acknowledged, so
-            # a receiver that reads a (stale, duplicate) copy later sees at worst bytes that
-            # fail their checksum.  Without a checksum such bytes could be written: there a
-            # receiver splicing the socket into a pipe passes the pages on to its consumer,
-            # which may read them after the ACK.
-            payload = memoryview(chunk.buf)[DATA_HEADER_SIZE : DATA_HEADER_SIZE + chunk.length]
-            await send_pages(chunk.header(), payload)
-            return
-        await stream.send(chunk.frame())  # type: ignore[arg-type]  # any buffer works
-
-    async def _send_region(self, stream: anyio.abc.ByteStream, chunk: _Chunk) -> None:
-        source = self._regions
-        assert source is not None and source.file_fd is not None
-        send_file = getattr(stream, "send_file", None)
-        if send_file is not None:
-            await send_file(chunk.header(), source.file_fd, chunk.offset, chunk.length)
-            return
-        # A stream that wants the bytes themselves (in memory, or fault injection).
-        buf = self._pool.get()
+    async def _send_chunk(self, sender: ChunkSender, chunk: Chunk, link: LinkCounters) -> None:
+        shared = self._shared
+        chunk.sending += 1
+        shared.mid_send.add(self._conn)
         try:
-            view = memoryview(buf)[: DATA_HEADER_SIZE + chunk.length]
-            view[:DATA_HEADER_SIZE] = chunk.header()
-            await source.pread(view[DATA_HEADER_SIZE:], chunk.offset)
-            await stream.send(view)  # type: ignore[arg-type]  # any buffer works
+            await sender.send(chunk)
+            shared.mid_send.discard(self._conn)  # only a completed send ends the frame
+            link.chunks += 1
+            link.nbytes += chunk.length
         finally:
-            self._pool.put(buf)
+            chunk.sending -= 1
+            if chunk.acked and chunk.sending == 0:
+                shared.chunks.release(chunk)
 
-    async def _confirm(self, stream: anyio.abc.ByteStream) -> None:
-        """Tell the receiver we know it is done (FIN), so it can stop listening; then finish.
-
-        Best effort: if FIN is lost too, the receiver stops waiting after its linger time.
-        """
-        with anyio.move_on_after(HANDSHAKE_TIMEOUT), contextlib.suppress(*STREAM_ERRORS):
-            await stream.send(encode(Fin(self._sw.next_seq, self._total_bytes)))
-        self._done.set()
-
-    async def _watch_stall(self, conn: int) -> None:
-        sw = self._sw
+    async def _read_acks(self, reader: FrameReader) -> None:
+        shared, core, conn = self._shared, self._shared.core, self._conn
         while True:
-            limit = sw.stall_timeout()
-            now = anyio.current_time()
-            stalled = sw.stalled_for(conn, now)
-            if self._bye_state == "sent" and self._bye_conn == conn:
-                stalled = now - self._bye_sent_at  # the BYE is in flight here
+            event = await reader.next_event()
+            if isinstance(event, Ack):
+                result = core.on_ack(conn, event.seq, event.written, anyio.current_time())
+                if result is not None:
+                    self.progressed = True
+                    shared.released(result)
+            elif isinstance(event, ByeOk):
+                core.on_bye_ok(conn, event.chunks, event.nbytes)
+                log.debug("receiver confirmed %d bytes", event.nbytes)
+                await shared.confirm(reader.stream)
+                return
+            elif isinstance(event, Error):
+                raise remote_failure(event)
+            elif isinstance(event, ConnectionClosed):
+                raise LinkBroken("the receiver closed the connection")
+            else:
+                raise RemoteProtocolError(f"unexpected {type(event).__name__} from the receiver")
+
+    async def _watch_stall(self) -> None:
+        core, conn = self._shared.core, self._conn
+        while True:
+            stalled, limit = core.stall(conn, anyio.current_time())
             if stalled >= limit:
                 raise LinkBroken(f"stalled: no acknowledgement for {stalled:.1f} s")
             # A floor, or float rounding near the deadline could make this loop spin.
             await anyio.sleep(min(max(limit - stalled, 0.01), 1.0))
 
-    def _check_welcome(self, welcome: object) -> None:
-        if isinstance(welcome, Error):
-            raise RemoteFailure(f"the receiver aborted: {welcome.message}")
-        if isinstance(welcome, ConnectionClosed):
-            raise LinkBroken("the receiver closed the connection during the handshake")
-        if not isinstance(welcome, Welcome):  # pragma: no cover - the decoder forbids it
-            raise ProtocolViolation(f"expected WELCOME, got {welcome!r}")
-        status = welcome.status
-        if status == WelcomeStatus.ACCEPTED:
-            if welcome.session_id != self.session_id:
-                raise PeerRejected(
-                    "the receiver answered for another session; is another transmitter using it?"
-                )
-            return
-        if status == WelcomeStatus.BAD_CHECKPHRASE:
-            raise PeerRejected(
-                f"the receiver rejected checkphrase {self._checkphrase_text!r}; "
-                "both ends must use the same checkphrase"
-            )
-        if status == WelcomeStatus.WRONG_SESSION:
-            raise PeerRejected(
-                "the receiver is busy with another session; start a fresh receiver"
-            )
-        if status == WelcomeStatus.BAD_VERSION:
-            raise PeerRejected("the receiver speaks another protocol version; upgrade both ends")
-        if status == WelcomeStatus.BAD_PARAMETERS:
-            raise PeerRejected(
-                f"the receiver refused chunk size {self._chunk_size} / window {self._window}"
-            )
-        if status == WelcomeStatus.SESSION_FAILED:
-            raise RemoteFailure("the receiver's session has failed; see its error")
-        if status == WelcomeStatus.SESSION_OVER:
-            if welcome.session_id != self.session_id:
-                raise PeerRejected("the receiver has already finished another session")
-            if self._eof and self._sw.all_acked() and welcome.written == self._sw.next_seq:
-                # Our BYE_OK was lost with its connection; this WELCOME says the same thing.
-                log.debug("the receiver reports the session complete")
-                raise _SessionOver
-            raise TruncatedStream(
-                f"the receiver ended the session after {welcome.written} chunks "
-                f"of {self._sw.next_seq}"
-            )
-        raise PeerRejected(f"the receiver refused the connection (status {status})")
 
-    async def _read_acks(self, conn: int, reader: FrameReader, progressed: list[bool]) -> None:
-        while True:
-            event = await reader.next_event()
-            if isinstance(event, Ack):
-                progressed[0] = True
-                self._on_ack(conn, event.seq, event.written)
-            elif isinstance(event, ByeOk):
-                if (event.chunks, event.nbytes) != (self._sw.next_seq, self._total_bytes):
-                    raise TruncatedStream(
-                        f"the receiver confirmed {event.nbytes} bytes, we sent {self._total_bytes}"
-                    )
-                log.debug("receiver confirmed %d bytes", event.nbytes)
-                await self._confirm(reader.stream)
-                return
-            elif isinstance(event, Error):
-                if event.code == ErrorCode.SINK_FAILED:
-                    raise RemoteFailure(f"the receiver's output failed: {event.message}")
-                raise RemoteFailure(f"the receiver aborted: {event.message}")
-            elif isinstance(event, ConnectionClosed):
-                raise LinkBroken("the receiver closed the connection")
-            else:
-                raise ProtocolError(f"unexpected {type(event).__name__} from the receiver")
+def remote_failure(error: Error) -> RemoteFailure:
+    """What an ERROR from the receiver ends the session with."""
+    if error.code == ErrorCode.SINK_FAILED:
+        return RemoteFailure(f"{ERROR_MEANING[ErrorCode.SINK_FAILED]}: {error.message}")
+    return RemoteFailure(f"the receiver aborted: {error.message}")
+
+
+def check_welcome(answer: Event, hello: Hello, checkphrase: str) -> Welcome:
+    """The answer to ``hello`` if it lets the connection go on (ACCEPTED, or SESSION_OVER for
+    our session); otherwise raises what the session ends with."""
+    if isinstance(answer, Error):
+        raise remote_failure(answer)
+    if isinstance(answer, ConnectionClosed):
+        raise LinkBroken("the receiver closed the connection during the handshake")
+    if not isinstance(answer, Welcome):  # pragma: no cover - the decoder forbids it
+        raise ProtocolViolation(f"expected WELCOME, got {answer!r}")
+    status = answer.status
+    ours = answer.session_id == hello.session_id
+    if status == WelcomeStatus.ACCEPTED:
+        if not ours:
+            raise PeerRejected(
+                "the receiver answered for another session; is another transmitter using it?")
+        return answer
+    if status == WelcomeStatus.SESSION_OVER:
+        if not ours:
+            raise PeerRejected("the receiver has already finished another session")
+        return answer
+    if status == WelcomeStatus.BAD_CHECKPHRASE:
+        raise PeerRejected(f"the receiver rejected checkphrase {checkphrase!r}; "
+                           "both ends must use the same checkphrase")
+    if status == WelcomeStatus.WRONG_SESSION:
+        raise PeerRejected("the receiver is busy with another session; start a fresh receiver")
+    if status == WelcomeStatus.BAD_VERSION:
+        raise PeerRejected("the receiver speaks another protocol version; upgrade both ends")
+    if status == WelcomeStatus.BAD_PARAMETERS:
+        raise PeerRejected(
+            f"the receiver refused chunk size {hello.chunk_size} / window {hello.window} "
+            f"({WELCOME_MEANING[WelcomeStatus.BAD_PARAMETERS]})")
+    if status == WelcomeStatus.SESSION_FAILED:
+        raise RemoteFailure("the receiver's session has failed; see its error")
+    raise PeerRejected(f"the receiver refused the connection (status {status})")

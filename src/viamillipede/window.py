@@ -27,17 +27,20 @@ class SendWindow(Generic[T]):
     flight on exactly one connection.  :meth:`connection_lost` puts a connection's in-flight
     chunks back at the front of the queue, lowest sequence first, because the receiver's
     writer is waiting on the lowest one.
+
+    Fresh chunks are taken in sequence order, so the chunks sent at least once are exactly
+    those below :attr:`sent`; nothing at or above it can have been acknowledged.
     """
 
     def __init__(self, window: int) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.window = window
-        self.next_seq = 0
+        self.next_seq = 0  # chunks added
+        self.sent = 0  # chunks sent at least once: the fresh queue is sent .. next_seq - 1
         self.written = 0
         self.unacked: dict[int, T] = {}
         self._retry: deque[int] = deque()
-        self._fresh: deque[int] = deque()
         self._inflight: dict[int, dict[int, float]] = {}  # conn -> {seq: sent at}
         self._last_progress: dict[int, float] = {}
         self.srtt: float | None = None
@@ -55,14 +58,13 @@ class SendWindow(Generic[T]):
         seq = self.next_seq
         self.next_seq += 1
         self.unacked[seq] = item
-        self._fresh.append(seq)
         return seq
 
     # -- sending -------------------------------------------------------------------------
 
     def has_work(self) -> bool:
         self._drop_acked_retries()
-        return bool(self._retry or self._fresh)
+        return bool(self._retry) or self.sent < self.next_seq
 
     def _drop_acked_retries(self) -> None:
         while self._retry and self._retry[0] not in self.unacked:
@@ -73,48 +75,85 @@ class SendWindow(Generic[T]):
         self._drop_acked_retries()
         if self._retry:
             seq = self._retry.popleft()
-        elif self._fresh:
-            seq = self._fresh.popleft()
+        elif self.sent < self.next_seq:
+            seq = self.sent
+            self.sent += 1
         else:
             return None
-        flight = self._inflight.setdefault(conn, {})
+        flight = self._inflight.get(conn)
+        if flight is None:
+            flight = self._inflight[conn] = {}
         if not flight:
             self._last_progress[conn] = now
         flight[seq] = now
         return seq, self.unacked[seq]
 
-    def accounted(self) -> set[int]:
-        """Sequences queued or in flight: every unacked chunk must be one or the other."""
-        seqs = set(self._retry) | set(self._fresh)
+    def accounted(self) -> list[int]:
+        """Where every unacked chunk is: one entry per queue place or flight it occupies.
+
+        Each unacked sequence must appear exactly once (queued or in flight on one
+        connection); tests check that.  Re-queued entries already acknowledged are left out
+        (they are dropped lazily, when they reach the front)."""
+        seqs = [s for s in self._retry if s in self.unacked]
+        seqs.extend(range(self.sent, self.next_seq))
         for flight in self._inflight.values():
-            seqs.update(flight)
+            seqs.extend(flight)
         return seqs
 
     def inflight(self, conn: int) -> int:
         return len(self._inflight.get(conn, ()))
 
+    def sizes(self) -> tuple[int, int, int, int]:
+        """Sizes of the internal structures (unacked, queued again, in flight, clocks)."""
+        flights = sum(len(f) for f in self._inflight.values())
+        return len(self.unacked), len(self._retry), flights, len(self._last_progress)
+
     # -- acknowledgements ----------------------------------------------------------------
 
-    def on_ack(self, conn: int, seq: int, written: int, now: float) -> list[T]:
-        """Apply an ACK that arrived on ``conn``; return the items that are now released."""
-        released: list[T] = []
-        flight = self._inflight.get(conn, {})
-        sent_at = flight.pop(seq, None)
-        if sent_at is not None:
-            sample = now - sent_at
-            self.srtt = sample if self.srtt is None else 0.875 * self.srtt + 0.125 * sample
-        self._last_progress[conn] = now
+    def on_ack(self, conn: int, seq: int, written: int, now: float) -> list[T] | None:
+        """Apply an ACK that arrived on ``conn``; return the items it released, or None if it
+        told nothing new (no chunk released, ``written`` not advanced).
+
+        A useless ACK costs O(1) and changes nothing, not even the connection's stall clock.
+        ``written`` is capped at :attr:`sent` (a caller that cares rejects more first).
+        """
         item = self.unacked.pop(seq, None)
+        if item is None and written <= self.written:
+            return None
+        released: list[T] = []
         if item is not None:
             released.append(item)
+            flight = self._inflight.get(conn)
+            sent_at = flight.pop(seq, None) if flight is not None else None
+            if sent_at is None:
+                self._forget(seq)  # it was in flight elsewhere (or only queued again)
+            else:
+                sample = now - sent_at
+                self.srtt = sample if self.srtt is None else 0.875 * self.srtt + 0.125 * sample
         if written > self.written:
-            self.written = min(written, self.next_seq)
-            for s in [s for s in self.unacked if s < self.written]:
-                released.append(self.unacked.pop(s))
-        for other in self._inflight.values():
-            for s in [s for s in other if s not in self.unacked]:
-                del other[s]
+            self.advance(written, released)
+        self._last_progress[conn] = now
         return released
+
+    def advance(self, written: int, released: list[T]) -> None:
+        """The receiver has ``written`` chunks: release those below it into ``released``.
+
+        At most a window of sequences is visited: the unacked ones all lie in
+        ``[written, next_seq)``, and ``written`` is capped at :attr:`sent`."""
+        written = min(written, self.sent)
+        unacked = self.unacked
+        for s in range(self.written, written):
+            item = unacked.pop(s, None)
+            if item is not None:
+                released.append(item)
+                self._forget(s)
+        self.written = max(self.written, written)
+
+    def _forget(self, seq: int) -> None:
+        """Take an acknowledged ``seq`` out of whichever flight holds it."""
+        for flight in self._inflight.values():
+            if flight.pop(seq, None) is not None:
+                return
 
     def connection_lost(self, conn: int) -> int:
         """Re-queue what ``conn`` had in flight; return how many chunks that was."""
@@ -139,7 +178,7 @@ class SendWindow(Generic[T]):
         return min(max(8 * self.srtt, MIN_STALL), MAX_STALL)
 
     def stalled_for(self, conn: int, now: float) -> float:
-        """Seconds ``conn`` has held chunks without progress (0 if it holds none)."""
+        """Seconds ``conn`` has held chunks without a useful ACK (0 if it holds none)."""
         if not self._inflight.get(conn):
             return 0.0
         return now - self._last_progress.get(conn, now)
@@ -174,6 +213,13 @@ class ReorderBuffer(Generic[T]):
             return Offer.BEYOND_WINDOW
         self._held[seq] = item
         return Offer.ACCEPTED
+
+    def holds(self, seq: int) -> bool:
+        return seq in self._held
+
+    def holds_from(self, seq: int) -> bool:
+        """Is any chunk at or after ``seq`` waiting here?"""
+        return any(s >= seq for s in self._held)
 
     def ready(self) -> T | None:
         """The chunk to write next, if it has arrived (it stays held until :meth:`advance`)."""
