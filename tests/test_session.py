@@ -453,11 +453,12 @@ def test_a_larger_window_may_take_longer_to_drain_on_a_fast_path(
     which takes ~20 ms to drain even on loopback (spread over every connection: 1.01x nc
     there; filled: 1.06-1.21x).  Here those 32 chunks count as 16 or 64 MiB, and ACKs come 12 ms
     late: over the 10 ms threshold of a 16 MiB window (every connection gets its 1/16, the
-    first 7-8% over 25 runs), under the 40 ms of a 64 MiB one (the first took 38-55%)."""
+    first 7-8% in 40 runs), under the 40 ms of a 64 MiB one (the first took 25-69% in 40
+    runs: scheduling order on the mock clock varies, so the bound sits well above 1/16)."""
     monkeypatch.setattr(transmitter, "FILL_WINDOW_BYTES", 32 * CHUNK * 16 // window_mib)
     shares = _spread(0.012, threads=16)
     if window_mib == 64:
-        assert shares[0] > 0.3, shares
+        assert shares[0] > 0.2, shares
     else:
         assert shares[0] < 0.15, shares
 
