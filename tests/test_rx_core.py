@@ -926,13 +926,15 @@ class RxSession(RuleBasedStateMachine):
     def _try_direct(self, ident: int) -> None:
         copy = self.copies[ident]
         core = self.core
-        nothing_ready = core.reorder.ready() is None
+        # Only the next chunk, with no copy of it ready, and not past a believed end.
+        may = (copy.seq == core.reorder.written and core.reorder.ready() is None
+               and (self.believed is None or copy.seq < self.believed.chunks))
         before = core.buffers
         if not core.take_turn(copy.seq):
-            assert copy.seq != core.reorder.written or not nothing_ready
+            assert not may
             assert core.buffers == before
             return  # it takes the buffered path after all
-        assert copy.seq == core.reorder.written and nothing_ready
+        assert may
         assert core.buffers == before - 1
         del self.copies[ident]
         self.direct = copy
