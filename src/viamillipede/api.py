@@ -23,6 +23,7 @@ from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
 
 from .errors import CannotListen, LocalIOError, ViamillipedeError, cannot_resolve
+from .framing import leaves
 from .options import (
     CONNECT_TIMEOUT,
     DEFAULT_CHECKPHRASE,
@@ -286,9 +287,7 @@ class StreamSink:
 
 def _failed(what: str, exc: Exception) -> LocalIOError:
     error = LocalIOError(f"{what} failed: {exc!r}")
-    # Kept apart from __cause__ as well: session code that re-raises an error "from None"
-    # erases its cause, and single_error() puts it back from here.
-    error.original = exc
+    error.__cause__ = exc
     return error
 
 
@@ -365,26 +364,9 @@ def single_error() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
-        real = [e for e in leaves if isinstance(e, Exception)]  # not cancellations
+        found = list(leaves(group))
+        real = [e for e in found if isinstance(e, Exception)]  # not cancellations
         ours = [e for e in real if isinstance(e, ViamillipedeError)]
-        error = (ours or real or leaves)[0]
-        _restore_cause(error)
+        error = (ours or real or found)[0]
         error.__suppress_context__ = True  # the group is noise; a __cause__ is still shown
         raise error  # noqa: B904  # deliberately not "from": that would erase its __cause__
-    except LocalIOError as error:
-        _restore_cause(error)
-        raise
-
-
-def _restore_cause(error: BaseException) -> None:
-    if isinstance(error, LocalIOError) and error.__cause__ is None and error.original:
-        error.__cause__ = error.original
-
-
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc

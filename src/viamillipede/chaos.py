@@ -670,20 +670,13 @@ class _ChaosStreamSendFile(ChaosStream):
         if fault is None:
             await self._guarded(lambda: inner.send_file(header, fd, offset, count))
             return
-        plain = self.inner
         head = len(header)
 
         async def in_pieces(pieces: list[int]) -> None:
-            start = 0
-            for n in pieces:
-                end = start + n
-                part = header[min(start, head) : min(end, head)]
-                first, last = max(start, head) - head, max(end, head) - head
-                if first == last:
-                    await plain.send(part)  # type: ignore[arg-type]
-                else:
-                    await inner.send_file(part, fd, offset + first, last - first)
-                start = end
+            async def payload(part: memoryview, first: int, last: int) -> None:
+                await inner.send_file(part, fd, offset + first, last - first)
+
+            await _send_split(self.inner, header, pieces, payload)
 
         async def copy() -> bytearray:
             frame = bytearray(head + count)
@@ -715,20 +708,13 @@ class _ChaosStreamSendPages(ChaosStream):
         if fault is None:
             await self._guarded(lambda: inner.send_pages(header, payload))
             return
-        plain = self.inner
         head = len(header)
 
         async def in_pieces(pieces: list[int]) -> None:
-            start = 0
-            for n in pieces:
-                end = start + n
-                part = header[min(start, head) : min(end, head)]
-                first, last = max(start, head) - head, max(end, head) - head
-                if first == last:
-                    await plain.send(part)  # type: ignore[arg-type]
-                else:
-                    await inner.send_pages(part, payload[first:last])
-                start = end
+            async def pages(part: memoryview, first: int, last: int) -> None:
+                await inner.send_pages(part, payload[first:last])
+
+            await _send_split(self.inner, header, pieces, pages)
 
         async def copy() -> bytearray:
             return bytearray(header) + payload
@@ -762,6 +748,27 @@ def _variant(parts: tuple[type[ChaosStream], ...]) -> type[ChaosStream]:
         return parts[0]
     name = "ChaosStream" + "".join(p.__name__.removeprefix("_ChaosStream") for p in parts)
     return cast("type[ChaosStream]", type(name, parts, {"__module__": __name__}))
+
+
+async def _send_split(
+    plain: anyio.abc.ByteStream,
+    header: memoryview,
+    pieces: list[int],
+    send_part: Callable[[memoryview, int, int], Awaitable[None]],
+) -> None:
+    """Send a frame of ``header`` + payload cut at ``pieces``: a piece of header alone goes by
+    ``send``; any other by ``send_part(header part, payload start, payload end)``."""
+    head = len(header)
+    start = 0
+    for n in pieces:
+        end = start + n
+        part = header[min(start, head) : min(end, head)]
+        first, last = max(start, head) - head, max(end, head) - head
+        if first == last:
+            await plain.send(part)  # type: ignore[arg-type]
+        else:
+            await send_part(part, first, last)
+        start = end
 
 
 async def _send_pieces(

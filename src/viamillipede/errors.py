@@ -78,8 +78,6 @@ class LocalIOError(ViamillipedeError):
     """
 
     exit_code = ExitCode.LOCAL_IO
-    #: What the caller's source or sink raised, if that is what failed (also its __cause__).
-    original: BaseException | None = None
 
 
 class RemoteFailure(ViamillipedeError):

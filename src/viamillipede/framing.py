@@ -31,15 +31,18 @@ def first_error() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
-        real = [e for e in leaves if not isinstance(e, anyio.get_cancelled_exc_class())]
-        raise (real or leaves)[0] from None
+        found = list(leaves(group))
+        real = [e for e in found if not isinstance(e, anyio.get_cancelled_exc_class())]
+        error = (real or found)[0]
+        error.__suppress_context__ = True  # the group is noise; the error's __cause__ is not
+        raise error  # noqa: B904  # not "from None": that would erase its __cause__
 
 
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
+def leaves(exc: BaseException) -> Iterator[BaseException]:
+    """Every exception inside ``exc``, however deeply grouped."""
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            yield from _leaves(inner)
+            yield from leaves(inner)
     else:
         yield exc
 
