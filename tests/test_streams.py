@@ -30,7 +30,7 @@ from viamillipede.streams import (
     SpliceSource,
     SpliceTo,
 )
-from viamillipede.testing import MemoryByteStream, memory_stream_pair
+from viamillipede.testing import MemoryByteStream, PassThrough, memory_stream_pair
 from viamillipede.transport import FdSink, SocketStream, connect, listen
 
 #: What a stream may offer on top of the ByteStream contract.
@@ -321,23 +321,8 @@ class AsTrioStream(trio.abc.HalfCloseableStream):
         await self.stream.aclose()
 
 
-class PlainReceive(anyio.abc.ByteStream):
+class PlainReceive(PassThrough):
     """A SocketStream with its ``receive`` alone exposed (no capabilities)."""
-
-    def __init__(self, inner: SocketStream) -> None:
-        self.inner = inner
-
-    async def send(self, item: bytes) -> None:
-        await self.inner.send(item)
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        return await self.inner.receive(max_bytes)
-
-    async def send_eof(self) -> None:
-        await self.inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 def socket_maker(kind: str) -> Callable[[], Awaitable[tuple[AsTrioStream, AsTrioStream]]]:

@@ -105,11 +105,12 @@ class _Conn:
 
     __slots__ = (
         "_out", "_wake", "closed", "drained", "finished", "index", "link", "name", "scope",
-        "stream",
+        "spliceable", "stream",
     )
 
     def __init__(self, stream: anyio.abc.ByteStream, name: str) -> None:
         self.stream = stream
+        self.spliceable = isinstance(stream, SpliceTo)  # asked once, not per chunk
         self.name = name
         self.index = -1
         self.scope = anyio.CancelScope()
@@ -635,7 +636,7 @@ class _Output:
         Leaving the payload in the socket meanwhile is what lets it skip our memory; the
         kernel's socket buffer holds it, and the transmitter's window bounds how much.
         """
-        if not isinstance(conn.stream, SpliceTo) or reader.decoder.buffered:
+        if not conn.spliceable or reader.decoder.buffered:
             return False
         reorder = self.rx._core.reorder
         # Woken only when this chunk's turn may have come, not at every chunk written.
