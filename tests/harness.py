@@ -314,3 +314,87 @@ async def loopback_receiver(
 def always(kind: FaultKind | str, **options: Any) -> ChaosScheduler:
     """A scheduler that gives every operation the same fault (where it applies)."""
     return ChaosScheduler(seed=1, rate=1.0, kinds=[kind], **options)
+
+
+# -- a session interrupted mid-transfer ----------------------------------------------------
+
+
+@dataclass
+class Ends:
+    """Both ends of an in-memory session under way (see :func:`mid_transfer`)."""
+
+    tx: Transmitter
+    rx: Receiver
+    source: OpenPipeSource
+    net: MemoryNetwork
+    scopes: dict[str, trio.CancelScope]
+    accepted: list[anyio.abc.ByteStream]
+
+    def kill(self, side: str) -> None:
+        """What SIGKILL does to one end: it stops without a word, the kernel closes its
+        connections, and nothing answers on its behalf any more."""
+        self.net.refuse = True
+        self.scopes[side].cancel()
+
+
+async def _close_all(streams: list[anyio.abc.ByteStream]) -> None:
+    for stream in streams:
+        await anyio.aclose_forcefully(stream)
+
+
+def mid_transfer(
+    act: Callable[[Ends], None], *, tx_timeout: float = 30.0, rx_timeout: float = 30.0,
+    chunk: int = 64 * 1024,
+) -> dict[str, tuple[BaseException | None, float]]:
+    """An in-memory session whose source stays open after 10 chunks; once the receiver has
+    written them, ``act(ends)`` runs.  Returns, per end (``"tx"``, ``"rx"``), what its run
+    raised (None if it was killed or succeeded) and how many seconds of mock time after
+    ``act`` it ended."""
+    ended: dict[str, tuple[BaseException | None, float]] = {}
+
+    async def main() -> None:
+        net = MemoryNetwork()
+        sink = WatchedSink()
+        first = os.urandom(10 * chunk)
+        accepted: list[anyio.abc.ByteStream] = []
+
+        def keep(_: int, stream: anyio.abc.ByteStream) -> anyio.abc.ByteStream:
+            accepted.append(stream)
+            return stream
+
+        source = OpenPipeSource(first)
+        ends = Ends(
+            tx=Transmitter(source, net.connect, threads=2, chunk_size=chunk,
+                           idle_timeout=tx_timeout),
+            rx=Receiver(sink, idle_timeout=rx_timeout),
+            source=source,
+            net=net,
+            scopes={"tx": trio.CancelScope(), "rx": trio.CancelScope()},
+            accepted=accepted,
+        )
+        acted_at = [0.0]
+        runs: dict[str, Callable[[], Awaitable[object]]] = {
+            "tx": ends.tx.run, "rx": lambda: ends.rx.serve(WrappingListener(net, keep)),
+        }
+
+        async def run(side: str) -> None:
+            error: BaseException | None = None
+            try:
+                with ends.scopes[side]:
+                    await runs[side]()
+            except Exception as exc:
+                error = exc
+            if side == "rx" and ends.scopes[side].cancel_called:
+                await _close_all(accepted)  # the receiver's connections close with it
+            ended[side] = (error, trio.current_time() - acted_at[0])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "rx")
+            nursery.start_soon(run, "tx")
+            await sink.wait_for(len(first))
+            assert bytes(sink.data) == first
+            acted_at[0] = trio.current_time()
+            act(ends)
+
+    run_mock(main, limit=600)  # virtual seconds: a hang fails fast
+    return ended

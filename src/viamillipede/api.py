@@ -131,7 +131,8 @@ def tcp_transmitter(
             with anyio.fail_after(CONNECT_TIMEOUT):
                 stream: anyio.abc.ByteStream = await connect(host, port)
         except TimeoutError:
-            raise ConnectFailed(f"connecting to {host} port {port} timed out") from None
+            raise ConnectFailed(f"connecting to {host} port {port} timed out",
+                                "connecting timed out") from None
         generation = generations[index]
         generations[index] += 1
         return wrap(index, generation, stream) if wrap else stream

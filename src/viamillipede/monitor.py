@@ -58,6 +58,36 @@ NOTE = 25
 logging.addLevelName(NOTE, "NOTE")
 
 
+class Reminder:
+    """When to say, at the default verbosity, that a session is still waiting for its peer.
+
+    A user must be able to tell a typo from a slow start without a line per attempt: the first
+    notice comes ``first`` seconds into a wait, the next ones at doubling intervals (elapsed
+    2, 4, 8, 16 ... s) up to ``longest`` apart.  A wait is named by when it began; a new
+    beginning starts the schedule over.  Pure: the caller owns the clock.
+    """
+
+    __slots__ = ("_first", "_longest", "_next", "_since")
+
+    def __init__(self, first: float = 2.0, longest: float = 300.0) -> None:
+        self._first = first
+        self._longest = longest
+        self._since: float | None = None
+        self._next = 0.0
+
+    def due(self, since: float) -> float:
+        """When the next notice about the wait that began at ``since`` is due."""
+        if since != self._since:
+            self._since = since
+            self._next = since + self._first
+        return self._next
+
+    def told(self) -> None:
+        """The notice that was due has been given."""
+        assert self._since is not None
+        self._next += min(self._next - self._since, self._longest)
+
+
 async def watch_signals(
     session: Reporting, verbose: int, meter: RateMeter, stderr: IO[str] | None = None
 ) -> None:

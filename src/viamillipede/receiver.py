@@ -35,6 +35,7 @@ from .errors import (
     ViamillipedeError,
 )
 from .framing import STREAM_ERRORS, BufferPool, FrameReader, Notifier, first_error
+from .monitor import NOTE, Reminder
 from .options import (
     DEFAULT_CHECKPHRASE,
     DEFAULT_TIMEOUT,
@@ -375,19 +376,40 @@ class Receiver:
                 await self._conn_closed.wait()
 
     async def _watchdog(self) -> None:
+        """Give up on a silent transmitter; say at growing intervals that we are waiting.
+
+        Nobody connecting yet is not an error (a receiver may be started long before its
+        transmitter), but it is said, so a wrong port on the other end does not go unseen.
+        """
+        started = anyio.current_time()
+        reminder = Reminder()
         while True:
-            deadline = self._last_activity + self._timeout
             now = anyio.current_time()
-            if now < deadline:
-                await anyio.sleep_until(deadline)
-                continue
-            if self._core.params is not None:
+            bound = self._core.params is not None
+            deadline = self._last_activity + self._timeout
+            if bound and now >= deadline:
                 raise PeerTimeout(
                     f"the transmitter has been silent for {self._timeout:g} s; "
                     f"{self.statistics().nbytes} bytes were delivered"
                 )
-            # Nobody has connected yet: a receiver may be started long before its transmitter.
-            self._last_activity = now
+            since = self._last_activity if bound else started
+            due = reminder.due(since)
+            if now >= due:
+                reminder.told()
+                if self._core.state in (RxState.SUCCEEDED, RxState.ENDING):
+                    continue  # lingering for a FIN, or writing the last chunks: not waiting
+                log.log(NOTE, "%s", self._waiting_line(now - since, bound))
+                continue
+            await anyio.sleep_until(min(due, deadline) if bound else due)
+
+    def _waiting_line(self, waited: float, bound: bool) -> str:
+        if not bound:
+            return f"no transmitter has connected yet ({waited:.0f} s)"
+        live = len(self._conns)
+        return (f"nothing from the transmitter for {waited:.0f} s "
+                f"({live} connection{'' if live == 1 else 's'} open, "
+                f"{self._counters.nbytes / 1e6:.1f} MB written); "
+                f"giving up after {self._timeout:g} s of silence")
 
     # -- admission -----------------------------------------------------------------------
 

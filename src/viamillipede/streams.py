@@ -34,7 +34,13 @@ class ConnectFailed(Exception):
 
     Kept apart from a connection that broke after it was open: a transmitter answers this one
     by trying again later (the target may not be listening yet), not by re-sending anything.
+    ``reason`` is the cause alone ("connection refused"), for lines that name the target
+    themselves.
     """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 @runtime_checkable

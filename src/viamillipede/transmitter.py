@@ -34,6 +34,7 @@ from .errors import (
     ViamillipedeError,
 )
 from .framing import STREAM_ERRORS, FrameReader, Notifier, first_error
+from .monitor import NOTE, Reminder
 from .options import (
     DEFAULT_CHECKPHRASE,
     DEFAULT_CHUNK_SIZE,
@@ -82,6 +83,11 @@ log = logging.getLogger("viamillipede.tx")
 #: Opens connection number ``index`` (0-based); raises ConnectFailed if it cannot.
 Connector = Callable[[int], Awaitable[anyio.abc.ByteStream]]
 
+class NotAReceiver(LinkBroken):
+    """Whatever answered the connection did not complete a handshake: it said something that
+    is not our protocol, or nothing at all before the deadline."""
+
+
 #: How long a send that is only a courtesy (ERROR when failing, FIN after success) may take:
 #: the receiver finds out by its own timeout or linger time if it does not arrive.
 BEST_EFFORT_TIMEOUT = 2.0
@@ -129,13 +135,19 @@ class Transmitter:
         digest = checksums.ALGORITHMS[algorithm][1] if algorithm else None
         self._counters = Counters("tx")
         name_target = target or (lambda i: "receiver")
-        self._links = {i: LinkCounters(i, name_target(i)) for i in range(threads)}
+        self._target_of = [name_target(i) for i in range(threads)]
+        # Most preferred first, each once: the order the waiting notices name them in.
+        self._targets = sorted(dict.fromkeys(self._target_of),
+                               key=lambda t: ranks[self._target_of.index(t)])
+        self._links = {i: LinkCounters(i, self._target_of[i]) for i in range(threads)}
         self._shared = _Shared(
             Dispatcher(window, ranks, fill_below=fill),
             ChunkReader(source, chunk_size, keep=window + threads, checksum=digest),
             self._counters, self._links)
         self._error: ViamillipedeError | None = None
         self._last_connect_error = ""
+        self._trouble: dict[str, str] = {}  # target -> why its last attempt failed
+        self._not_receivers: dict[str, str] = {}  # target -> what it did instead of WELCOME
 
     # -- public --------------------------------------------------------------------------
 
@@ -166,6 +178,7 @@ class Transmitter:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._guard, self._read_source)
             tg.start_soon(self._guard, self._watchdog)
+            tg.start_soon(self._report_waiting)
             for i in range(self._threads):
                 tg.start_soon(self._guard, self._connection_loop, i)
             await done.wait()
@@ -217,6 +230,42 @@ class Transmitter:
                 raise self._timeout_error()
             await anyio.sleep(self._timeout - idle)
 
+    async def _report_waiting(self) -> None:
+        """Say at the default verbosity that no connection is up, and what each target did,
+        at growing intervals (a typo and a slow start look alike otherwise)."""
+        shared = self._shared
+        reminder = Reminder()
+        while True:
+            since = shared.down_since
+            if since is None:
+                await shared.went_down.wait()
+                continue
+            due = reminder.due(since)
+            if anyio.current_time() < due:
+                await anyio.sleep_until(due)
+                continue
+            reminder.told()
+            log.log(NOTE, "%s", self._waiting_line(anyio.current_time() - since))
+
+    def _waiting_line(self, waited: float) -> str:
+        tried = "; ".join(f"{t} ({self._trouble.get(t, 'connecting')})" for t in self._targets)
+        if self._counters.connections == 0:
+            return f"no receiver has answered for {waited:.0f} s; trying {tried}"
+        sw = self._shared.core.window
+        return (f"no connection to the receiver for {waited:.0f} s "
+                f"({sw.written} of {sw.next_seq} chunks confirmed written); trying {tried}")
+
+    def _not_a_receiver(self, target: str, why: str) -> None:
+        """``target`` failed a handshake that way; once every target has and none ever
+        answered, nothing there is a receiver and waiting out the timeout helps nobody."""
+        self._not_receivers[target] = why
+        if self._counters.connections or set(self._targets) - set(self._not_receivers):
+            return
+        if len(self._targets) == 1:
+            raise ProtocolViolation(f"{target} is not a viamillipede receiver: {why}")
+        raise ProtocolViolation("no target is a viamillipede receiver: " + "; ".join(
+            f"{t} ({self._not_receivers[t]})" for t in self._targets))
+
     def _timeout_error(self) -> PeerTimeout:
         if self._counters.connections == 0:
             return PeerTimeout(
@@ -235,6 +284,7 @@ class Transmitter:
         """Keep connection ``conn`` up until the session ends, reconnecting with backoff."""
         backoff = Backoff()
         name = self._describe(conn)
+        target = self._target_of[conn]
         link = self._links[conn]
         hello = dataclasses.replace(self._hello, conn_index=conn)
         done = self._shared.done
@@ -245,21 +295,27 @@ class Transmitter:
                 stream = await self._connect(conn)
             except ConnectFailed as exc:
                 self._last_connect_error = str(exc)
+                self._trouble[target] = exc.reason
                 delay = backoff.next()
                 log.info("%s: %s; next try in %.1f s", name, exc, delay)
                 link.state, link.next_try = "down", anyio.current_time() + delay
                 await anyio.sleep(delay)
                 continue
+            self._trouble[target] = "connected; no answer to HELLO yet"
             if connected:
                 self._counters.reconnects += 1
                 link.reconnects += 1
             connected = True
-            connection = _Connection(self._shared, conn, name, stream)
+            connection = _Connection(self._shared, conn, name, stream,
+                                     lambda: self._trouble.pop(target, None))
             try:
                 async with stream:
                     await connection.run(hello, self._checkphrase)
                 return  # the session is over
             except LinkBroken as exc:
+                self._trouble[target] = str(exc)
+                if isinstance(exc, NotAReceiver):
+                    self._not_a_receiver(target, str(exc))
                 if connection.progressed:
                     backoff.reset()  # it worked for a while: a quick reconnect is fair
                 delay = backoff.next()
@@ -287,7 +343,19 @@ class _Shared:
         self.turns: dict[int, anyio.Event] = {}  # idle connections, each woken by its event
         self.done = anyio.Event()
         self.live: dict[int, anyio.abc.ByteStream] = {}  # handshaken streams, by connection
+        self.down_since: float | None = anyio.current_time()  # since when none is live
+        self.went_down = Notifier()
         self.mid_send: set[int] = set()  # connections whose stream is inside a frame
+
+    def up(self, conn: int, stream: anyio.abc.ByteStream) -> None:
+        self.live[conn] = stream
+        self.down_since = None
+
+    def down(self, conn: int) -> None:
+        self.live.pop(conn, None)
+        if not self.live and self.down_since is None:
+            self.down_since = anyio.current_time()
+            self.went_down.notify()
 
     def wake(self, conns: Wakes) -> None:
         for conn in conns:
@@ -343,8 +411,9 @@ class _Connection:
     dropped (:meth:`run` raises LinkBroken) or the session ends."""
 
     def __init__(self, shared: _Shared, conn: int, name: str,
-                 stream: anyio.abc.ByteStream) -> None:
+                 stream: anyio.abc.ByteStream, on_up: Callable[[], object]) -> None:
         self._shared = shared
+        self._on_up = on_up
         self._conn = conn
         self._name = name
         self._stream = stream
@@ -366,7 +435,8 @@ class _Connection:
             shared.released(core.on_welcome(conn, welcome.written, anyio.current_time()))
             shared.counters.connections += 1
             shared.links[conn].state = "up"
-            shared.live[conn] = self._stream
+            shared.up(conn, self._stream)
+            self._on_up()
             log.info("%s: connected", self._name)
             with first_error():
                 async with anyio.create_task_group() as tg:
@@ -378,26 +448,25 @@ class _Connection:
         except STREAM_ERRORS as exc:
             raise LinkBroken(str(exc) or type(exc).__name__) from exc
         finally:
-            shared.live.pop(conn, None)
+            shared.down(conn)
             shared.mid_send.discard(conn)  # the next stream of this index starts clean
             lost = core.window.inflight(conn)
             shared.wake(core.connection_lost(conn))
             shared.links[conn].retransmits += lost
 
     async def _handshake(self, reader: FrameReader, hello: Hello, checkphrase: str) -> Welcome:
+        limit = self._shared.core.handshake_limit()
         try:
-            with anyio.fail_after(self._shared.core.handshake_limit()):
+            with anyio.fail_after(limit):
                 await self._stream.send(encode(hello))
                 answer = await reader.next_event()
         except TimeoutError:
-            raise LinkBroken("no answer to HELLO") from None
+            raise NotAReceiver(f"no answer to HELLO in {limit:g} s") from None
         except STREAM_ERRORS as exc:
             raise LinkBroken(str(exc) or type(exc).__name__) from exc
         except ProtocolError as exc:
             # Not a flaky link: whatever listens there does not speak our protocol.
-            raise ProtocolViolation(
-                f"{self._name}: the peer is not a viamillipede receiver ({exc})"
-            ) from exc
+            raise NotAReceiver(what_answered(reader.decoder.peek(24), exc)) from exc
         return check_welcome(answer, hello, checkphrase)
 
     async def _send_loop(self) -> None:
@@ -469,6 +538,21 @@ class _Connection:
                 raise LinkBroken(f"stalled: no acknowledgement for {stalled:.1f} s")
             # A floor, or float rounding near the deadline could make this loop spin.
             await anyio.sleep(min(max(limit - stalled, 0.01), 1.0))
+
+
+#: What well-known services say first, so a wrong port is named by what is listening there.
+_GREETINGS = {b"HTTP/": "HTTP", b"SSH-": "SSH", b"220 ": "an FTP or SMTP greeting",
+              b"+OK": "a POP3 greeting", b"* OK": "an IMAP greeting", b"\x15\x03": "TLS"}
+
+
+def what_answered(seen: bytes, exc: ProtocolError) -> str:
+    """Say what a peer that is not a receiver sent instead of WELCOME."""
+    for prefix, service in _GREETINGS.items():
+        if seen.startswith(prefix):
+            line = seen.split(b"\r", 1)[0].split(b"\n", 1)[0]
+            shown = line.decode("ascii", "replace") if line.isascii() else ""
+            return f"answered with {service}" + (f" ({shown!r})" if shown else "")
+    return f"answered with bytes that are not a WELCOME ({seen[:8].hex(' ')}: {exc})"
 
 
 def remote_failure(error: Error) -> RemoteFailure:

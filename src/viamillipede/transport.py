@@ -396,7 +396,7 @@ async def connect(host: str, port: int) -> SocketStream:
     try:
         infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise ConnectFailed(f"cannot resolve {host}: {exc}") from exc
+        raise ConnectFailed(f"cannot resolve {host}: {exc}", "does not resolve") from exc
     last: Exception | None = None
     for family, socktype, proto, _canon, addr in infos:
         sock = socket.socket(family, socktype, proto)
@@ -419,7 +419,7 @@ async def connect(host: str, port: int) -> SocketStream:
         _tune(sock)
         return SocketStream(sock)
     reason = last.strerror if isinstance(last, OSError) and last.strerror else str(last)
-    raise ConnectFailed(f"cannot connect to {host} port {port}: {reason}")
+    raise ConnectFailed(f"cannot connect to {host} port {port}: {reason}", reason.lower())
 
 
 class TcpListener:

@@ -164,6 +164,11 @@ class Decoder:
             self._pos = 0
         self._buf += data
 
+    def peek(self, n: int) -> bytes:
+        """Up to ``n`` bytes fed but not yet decoded: after a protocol error, what the peer
+        sent instead (so an error can say "answered with HTTP")."""
+        return bytes(self._buf[self._pos : self._pos + n])
+
     @property
     def buffered(self) -> int:
         """Bytes fed but not yet turned into events (or payload not yet taken)."""
