@@ -65,7 +65,9 @@ async def send(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     window: int | None = None,
     checksum: bool | int = False,
-    checkphrase: str = DEFAULT_CHECKPHRASE,
+    checkphrase: str | bytes = DEFAULT_CHECKPHRASE,
+    key: bytes | None = None,
+    plaintext: bool = False,
     idle_timeout: float = DEFAULT_TIMEOUT,
     wrap: ClientWrapper | None = None,
     limit: float | None = None,
@@ -77,6 +79,8 @@ async def send(
     Every target's name is resolved first: one that does not resolve raises
     :class:`~viamillipede.errors.CannotResolve` at once, unless ``retry_resolve`` asks to keep
     trying (until ``idle_timeout``).  ``limit`` caps the stream at that many bytes per second.
+    The session is encrypted and authenticated with keys agreed from ``checkphrase`` (or the
+    32-byte ``key``); ``plaintext`` sends the data in clear (the receiver must say so too).
     Returns once the receiver confirmed that every byte was written; raises a
     :class:`~viamillipede.errors.ViamillipedeError` subclass otherwise.
     """
@@ -85,8 +89,8 @@ async def send(
             await resolve_targets(targets)
         tx = tcp_transmitter(
             source, targets, threads=threads, chunk_size=chunk_size, window=window,
-            checksum=checksum, checkphrase=checkphrase, idle_timeout=idle_timeout, wrap=wrap,
-            limit=limit,
+            checksum=checksum, checkphrase=checkphrase, key=key, plaintext=plaintext,
+            idle_timeout=idle_timeout, wrap=wrap, limit=limit,
         )
         return await tx.run()
 
@@ -109,7 +113,9 @@ def tcp_transmitter(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     window: int | None = None,
     checksum: bool | int = False,
-    checkphrase: str = DEFAULT_CHECKPHRASE,
+    checkphrase: str | bytes = DEFAULT_CHECKPHRASE,
+    key: bytes | None = None,
+    plaintext: bool = False,
     idle_timeout: float = DEFAULT_TIMEOUT,
     wrap: ClientWrapper | None = None,
     limit: float | None = None,
@@ -147,6 +153,8 @@ def tcp_transmitter(
         window=window,
         checksum=checksum,
         checkphrase=checkphrase,
+        key=key,
+        plaintext=plaintext,
         idle_timeout=idle_timeout,
         describe=lambda i: f"connection {i} to {plan[i][0]}:{plan[i][1]}",
         target=lambda i: f"{plan[i][0]}:{plan[i][1]}",
@@ -159,7 +167,9 @@ async def receive(
     port: int,
     *,
     host: str | None = None,
-    checkphrase: str = DEFAULT_CHECKPHRASE,
+    checkphrase: str | bytes = DEFAULT_CHECKPHRASE,
+    key: bytes | None = None,
+    plaintext: bool = False,
     idle_timeout: float = DEFAULT_TIMEOUT,
     wrap: ServerWrapper | None = None,
     limit: float | None = None,
@@ -178,7 +188,8 @@ async def receive(
     if limit is not None:
         out = limit_sink(out, limit)
     with single_error():
-        receiver = Receiver(out, checkphrase=checkphrase, idle_timeout=idle_timeout)
+        receiver = Receiver(out, checkphrase=checkphrase, key=key, plaintext=plaintext,
+                            idle_timeout=idle_timeout)
         return await serve_tcp(receiver, port, host=host, wrap=wrap, task_status=task_status)
 
 

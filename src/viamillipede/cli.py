@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import socket
 import sys
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .errors import ExitCode, UsageError, ViamillipedeError, cannot_resolve
+from .errors import ExitCode, LocalIOError, UsageError, ViamillipedeError, cannot_resolve
 
 if TYPE_CHECKING:
     from .chaos import ChaosScheduler
@@ -31,10 +32,13 @@ from .options import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_THREADS,
     DEFAULT_TIMEOUT,
+    KEY_SIZE,
+    MAX_CHECKPHRASE,
     MAX_CHUNK_SIZE,
     MAX_THREADS,
     MIN_CHUNK_SIZE,
     PREALLOCATE_AHEAD,
+    encode_checkphrase,
 )
 
 PROG = "viamillipede"
@@ -133,7 +137,10 @@ class Config:
     threads: int = DEFAULT_THREADS
     verbose: int = 1
     checksum: bool = False
-    checkphrase: str = DEFAULT_CHECKPHRASE
+    checkphrase: bytes = DEFAULT_CHECKPHRASE.encode()
+    key: bytes | None = None
+    plaintext: bool = False
+    keygen: str | None = None
     chaos: int | None = None
     chaos_rate: float | None = None
     chaos_faults: tuple[str, ...] | None = None
@@ -154,6 +161,56 @@ def _int(word: str, value: str, low: int, high: int) -> int:
     if not low <= n <= high:
         raise UsageError(f"{word} must be between {low} and {high}, got {n}")
     return n
+
+
+#: Where a checkphrase may come from without showing in ``ps``.
+CHECKPHRASE_ENV = "VIAMILLIPEDE_CHECKPHRASE"
+
+
+def _checkphrase(phrase: bytes, where: str) -> bytes:
+    try:
+        return encode_checkphrase(phrase)
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+
+
+def _checkphrase_file(path: str) -> bytes:
+    """The phrase is the file's first line (its line end is not part of it)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(MAX_CHECKPHRASE + 3)
+    except OSError as exc:
+        raise UsageError(f"--checkphrase-file {path}: {exc.strerror or exc}") from None
+    return _checkphrase(first.rstrip(b"\r\n"), f"--checkphrase-file {path}")
+
+
+def read_key(path: str) -> bytes:
+    """A key file: 64 hex digits (as keygen writes it) or 32 raw bytes."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1024)
+    except OSError as exc:
+        raise UsageError(f"key {path}: {exc.strerror or exc}") from None
+    text = data.strip()
+    if len(text) == 2 * KEY_SIZE:
+        try:
+            return bytes.fromhex(text.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            pass
+    if len(data) == KEY_SIZE:
+        return data
+    raise UsageError(f"key {path}: not a key (64 hex digits, as keygen writes, or "
+                     f"{KEY_SIZE} raw bytes)")
+
+
+def write_key(path: str) -> None:
+    """``keygen FILE``: a fresh random key, readable by its owner only; never overwrites."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise LocalIOError(f"keygen {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(os.urandom(KEY_SIZE).hex() + "\n")
 
 
 def _port(word: str, value: str) -> int:
@@ -259,7 +316,8 @@ class _Words:
 
 #: Words that take no value, so ``--checksum=off`` is an error rather than a silent "on".
 _SWITCHES = frozenset(
-    {"help", "version", "quiet", "checksum", "checksums", "progress", "retry-resolve"}
+    {"help", "version", "quiet", "checksum", "checksums", "progress", "retry-resolve",
+     "plaintext"}
 )
 
 
@@ -269,6 +327,7 @@ def parse(argv: Sequence[str]) -> Config | str:
     words = _Words(argv)
     rx_seen = False
     chunk_given = False
+    phrase_given = False
 
     def set_mode(mode: str) -> None:
         if cfg.mode and cfg.mode != mode:
@@ -322,10 +381,19 @@ def parse(argv: Sequence[str]) -> Config | str:
         elif word in ("checksum", "checksums"):
             cfg.checksum = True
         elif word == "checkphrase":
-            phrase = arg("4 bytes")
-            if len(phrase.encode("utf-8")) != 4:
-                raise UsageError(f"checkphrase must be exactly 4 bytes, got {phrase!r}")
-            cfg.checkphrase = phrase
+            cfg.checkphrase = _checkphrase(arg("a phrase of 4 to 256 bytes").encode("utf-8"),
+                                           "checkphrase")
+            phrase_given = True
+        elif raw == "--checkphrase-file":
+            cfg.checkphrase = _checkphrase_file(arg("a file name"))
+            phrase_given = True
+        elif word in ("key", "key-file"):
+            cfg.key = read_key(arg("a key file (made by keygen)"))
+        elif word == "plaintext":
+            cfg.plaintext = True
+        elif word == "keygen":
+            set_mode("keygen")
+            cfg.keygen = arg("a file to write the key to")
         elif word == "chaos":
             cfg.chaos = _int("chaos", arg("a seed"), 0, 2**63 - 1)
         elif raw == "--chaos-rate":
@@ -354,6 +422,10 @@ def parse(argv: Sequence[str]) -> Config | str:
             raise UsageError(f"unknown argument {raw!r}{hint}; see --help")
     if not cfg.mode:
         raise UsageError("say what to do: rx PORT or tx HOST PORT; see --help")
+    if not phrase_given and (env := os.environ.get(CHECKPHRASE_ENV)) is not None:
+        cfg.checkphrase = _checkphrase(env.encode("utf-8"), CHECKPHRASE_ENV)
+    if cfg.key is not None and phrase_given:
+        raise UsageError("give a key file or a checkphrase, not both")
     if cfg.listen is not None and cfg.mode != "rx":
         raise UsageError("--listen goes with rx")
     if cfg.retry_resolve and cfg.mode != "tx":
@@ -451,7 +523,8 @@ def _run(cfg: Config, log: logging.Logger) -> None:
                     log.warning("limit %.0f: give the transmitter --chunk-size %d or less, or "
                                 "a chunk may take longer than the timeout to write",
                                 cfg.limit, fits)
-            session = Receiver(out, checkphrase=cfg.checkphrase, idle_timeout=cfg.timeout)
+            session = Receiver(out, checkphrase=cfg.checkphrase, key=cfg.key,
+                               plaintext=cfg.plaintext, idle_timeout=cfg.timeout)
             size = cfg.size
             run = serve_tcp(session, cfg.port, host=cfg.listen,
                             wrap=chaos.receiver_wrapper() if chaos else None)
@@ -464,7 +537,8 @@ def _run(cfg: Config, log: logging.Logger) -> None:
                 bucket = into.bucket
             session = tcp_transmitter(
                 into, cfg.targets, threads=cfg.threads, chunk_size=cfg.chunk_size,
-                checksum=cfg.checksum, checkphrase=cfg.checkphrase, idle_timeout=cfg.timeout,
+                checksum=cfg.checksum, checkphrase=cfg.checkphrase, key=cfg.key,
+                plaintext=cfg.plaintext, idle_timeout=cfg.timeout,
                 wrap=chaos.transmitter_wrapper() if chaos else None,
             )
             size = cfg.size if cfg.size is not None else known_size(sys.stdin.fileno())
@@ -617,6 +691,10 @@ def main(argv: Sequence[str] | None = None, *, run: Callable[[Config, logging.Lo
         return 0
     log = _setup_logging(parsed)
     try:
+        if parsed.mode == "keygen":
+            assert parsed.keygen is not None
+            write_key(parsed.keygen)
+            return 0
         run(parsed, log)
     except (ViamillipedeError, OSError, KeyboardInterrupt) as exc:
         code, message = _outcome(exc)

@@ -37,8 +37,18 @@ def default_window(threads: int) -> int:
     return max(4, 2 * threads)
 
 
-def encode_checkphrase(phrase: str) -> bytes:
-    data = phrase.encode("utf-8")
-    if len(data) != 4:
-        raise ValueError(f"the checkphrase must be exactly 4 bytes, got {phrase!r}")
+#: A checkphrase is 4 to 256 bytes: the original's 4-character phrases keep working, and a
+#: long random one is as good as a key file.
+MIN_CHECKPHRASE = 4
+MAX_CHECKPHRASE = 256
+
+#: Bytes of a key file's key (``viamillipede keygen``).
+KEY_SIZE = 32
+
+
+def encode_checkphrase(phrase: str | bytes) -> bytes:
+    data = phrase.encode("utf-8") if isinstance(phrase, str) else bytes(phrase)
+    if not MIN_CHECKPHRASE <= len(data) <= MAX_CHECKPHRASE:
+        raise ValueError(f"a checkphrase is {MIN_CHECKPHRASE} to {MAX_CHECKPHRASE} bytes, "
+                         f"not {len(data)}")
     return data

@@ -29,12 +29,15 @@ from .errors import (
     Interrupted,
     LinkBroken,
     LocalIOError,
+    PeerRejected,
     PeerTimeout,
+    ProtocolViolation,
     RemoteFailure,
     TruncatedStream,
     ViamillipedeError,
 )
 from .framing import STREAM_ERRORS, BufferPool, FrameReader, Notifier, first_error
+from .keying import AuthFailed, rx_attempt
 from .monitor import NOTE, Reminder
 from .options import (
     DEFAULT_CHECKPHRASE,
@@ -48,6 +51,10 @@ from .rxcore import Admission, AuthThrottle, Claim, ReceiverCore, RxState
 from .stats import Counters, LinkCounters, Report, TransferStats, link_stats
 from .streams import SpliceSink, SpliceTo
 from .wire import (
+    DATA_HEADER_SIZE,
+    WELCOME_MEANING,
+    Auth,
+    AuthKind,
     Bye,
     ConnectionClosed,
     DataHeader,
@@ -57,10 +64,15 @@ from .wire import (
     Fin,
     Hello,
     ProtocolError,
+    RemoteProtocolError,
+    TamperedFrame,
+    Welcome,
     WelcomeStatus,
     encode,
     encode_ack,
+    pack_data_header,
 )
+from .wire.secure import SEAL_OVERHEAD, ChunkSealer, Tagger, password
 
 log = logging.getLogger("viamillipede.rx")
 
@@ -81,6 +93,15 @@ BEST_EFFORT_TIMEOUT = 1.0
 #: these, new ones are closed at once, so strangers cannot make the receiver hold much.
 MAX_PENDING = 64
 MAX_DELAYED = 32
+
+#: Key exchanges that may fail before the receiver gives up (exit 3): a transmitter with
+#: the wrong phrase fails once; more is someone guessing.
+MAX_FAILED_KEY_EXCHANGES = 5
+
+#: Chunks or control frames that may fail to verify before the session is ended as tampered
+#: with.  Each failure drops its connection and the chunk is sent again; a few can be a
+#: broken link, many cannot.
+MAX_TAMPERED = 16
 
 #: Refusals after the first of each kind are reported in one line at most this often.
 REPORT_EVERY = 60.0
@@ -106,7 +127,7 @@ class _Conn:
 
     __slots__ = (
         "_out", "_wake", "closed", "drained", "finished", "index", "link", "name", "scope",
-        "spliceable", "stream",
+        "spliceable", "stream", "tagger",
     )
 
     def __init__(self, stream: anyio.abc.ByteStream, name: str) -> None:
@@ -116,6 +137,7 @@ class _Conn:
         self.index = -1
         self.scope = anyio.CancelScope()
         self._out: list[bytes | int] = []  # an int is "ACK this seq with the current written"
+        self.tagger: Tagger | None = None  # set by the handshake: every frame after it is tagged
         self._wake = Notifier()
         self.drained = Notifier()
         self.closed = False
@@ -141,8 +163,11 @@ class _Conn:
                 await self._wake.wait()
             items, self._out = self._out, []
             w = written()
-            data = b"".join(encode_ack(i, w) if isinstance(i, int) else i for i in items)
-            await self.stream.send(data)
+            frames = [encode_ack(i, w) if isinstance(i, int) else i for i in items]
+            tagger = self.tagger
+            if tagger is not None:  # in send order: the tags count the frames
+                frames = [part for f in frames for part in (f, tagger.tag(f))]
+            await self.stream.send(b"".join(frames))
 
 
 class _Gate:
@@ -153,28 +178,44 @@ class _Gate:
         self.pending = 0
         self.delayed = 0
         self.throttle = AuthThrottle()
+        self.failed_key_exchanges = 0
         self._refused: Counter[str] = Counter()
         self._seen: set[str] = set()
         self._last = ""
         self._reported_at = 0.0
 
     async def answer_refusal(self, admission: Admission, name: str) -> bool:
-        """Wait until a refusal may be answered; False: drop it unanswered."""
+        """Count and log a refusal; False: drop it unanswered."""
+        self._count(admission.reason, name, anyio.current_time())
+        return True
+
+    async def before_key_exchange(self) -> None:
+        """Key exchanges are answered slowly after the first few, however many connections
+        ask: each is one guess at the phrase for whoever runs it."""
         now = anyio.current_time()
-        self._count(admission.reason, name, now)
-        if admission.welcome.status != WelcomeStatus.BAD_CHECKPHRASE:
-            return True
         when = self.throttle.failure(now)
         if when <= now:
-            return True
+            return
         if self.delayed >= MAX_DELAYED:
-            return False
+            raise LinkBroken("too many key exchanges waiting")
         self.delayed += 1
         try:
             await anyio.sleep_until(when)
         finally:
             self.delayed -= 1
-        return True
+
+    def key_exchange_failed(self, name: str) -> PeerRejected | None:
+        """A key exchange did not end in a valid proof.  After MAX_FAILED_KEY_EXCHANGES the
+        receiver gives up: a transmitter with the wrong phrase, or someone guessing."""
+        self.failed_key_exchanges += 1
+        n = self.failed_key_exchanges
+        log.warning("key exchange with %s failed: another checkphrase or key (%d of %d)",
+                    name, n, MAX_FAILED_KEY_EXCHANGES)
+        if n < MAX_FAILED_KEY_EXCHANGES:
+            return None
+        return PeerRejected(
+            f"{n} key exchanges failed: the transmitter uses another checkphrase or key, "
+            "or someone is guessing")
 
     def _count(self, reason: str, name: str, now: float) -> None:
         self._last = name
@@ -205,16 +246,20 @@ class Receiver:
         self,
         sink: Sink,
         *,
-        checkphrase: str = DEFAULT_CHECKPHRASE,
+        checkphrase: str | bytes = DEFAULT_CHECKPHRASE,
+        key: bytes | None = None,
+        plaintext: bool = False,
         idle_timeout: float = DEFAULT_TIMEOUT,
         max_chunk_size: int = MAX_CHUNK_SIZE,
         max_buffer: int = MAX_RECEIVER_BUFFER,
     ) -> None:
         self._sink = sink
         self._timeout = idle_timeout
+        self._password = password(encode_checkphrase(checkphrase), key)
         self._core: ReceiverCore[tuple[bytearray, int, _Conn]] = ReceiverCore(
-            encode_checkphrase(checkphrase), max_chunk_size=max_chunk_size,
-            max_buffer=max_buffer)
+            max_chunk_size=max_chunk_size, max_buffer=max_buffer, plaintext=plaintext)
+        self._sealer: ChunkSealer | None = None  # opens chunks; None in plaintext
+        self._tampered = 0  # chunks and frames that failed to verify
         self._gate = _Gate()
         self._checksum: Checksum | None = None
         self._pool: BufferPool | None = None
@@ -326,6 +371,11 @@ class Receiver:
             # Once the session is over, peers hanging up on us is expected, not news.
             level = logging.DEBUG if self._complete.is_set() else logging.WARNING
             log.log(level, "connection from %s broke: %s", name, exc)
+        except TamperedFrame as exc:
+            try:
+                self.tampered(f"dropped connection from {name}: {exc}")
+            except ViamillipedeError as fatal:
+                self._fail(fatal)
         except ProtocolError as exc:
             self._counters.rejected += 1
             log.warning("dropped connection from %s: %s", name, exc)
@@ -334,7 +384,7 @@ class Receiver:
             # This connection leaves the live set below, before run() says ERROR to the
             # others: say it here, on the connection that carried the bad news.
             with anyio.move_on_after(BEST_EFFORT_TIMEOUT), contextlib.suppress(*STREAM_ERRORS):
-                await stream.send(encode(Error(_error_code(exc), str(exc))))
+                await stream.send(encode(Error(_error_code(exc), str(exc)), conn.tagger))
         finally:
             conn.closed = True
             self._conn_closed.notify()
@@ -414,14 +464,33 @@ class Receiver:
     # -- admission -----------------------------------------------------------------------
 
 
+    def _keyed(self) -> None:
+        """The session's keys were agreed (or agreed again before any DATA)."""
+        keys, params = self._core.keys, self._core.params
+        assert keys is not None and params is not None
+        if not self._core.plaintext:
+            self._sealer = ChunkSealer(keys.data_tx, params.session_id, params.chunk_size)
+
+    def tampered(self, what: str) -> None:
+        """Something failed to verify: drop it (the caller drops its connection); too many
+        and someone is tampering with the session, which ends it."""
+        self._tampered += 1
+        log.warning("%s", what)
+        if self._tampered >= MAX_TAMPERED:
+            raise ProtocolViolation(
+                f"{self._tampered} frames failed to verify: someone is tampering with the "
+                "connections, or a link corrupts data")
+
     def _bound(self) -> None:
         """The first admitted HELLO fixed the session's parameters: set up for them."""
         params = self._core.params
         assert params is not None
         self._counters.started = time.monotonic()
         self._checksum = ALGORITHMS[params.checksum][1] if params.checksum else None
-        self._direct = self.output.splice_sink is not None and self._checksum is None
-        self._pool = BufferPool(params.chunk_size, keep=self._core.max_buffers)
+        self._direct = (self.output.splice_sink is not None and self._checksum is None
+                        and self._core.plaintext)
+        self._pool = BufferPool(params.chunk_size + self._core.overhead,
+                                keep=self._core.max_buffers)
         log.info("session %s: chunk %d bytes, window %d, checksum %s",
                  params.session_id.hex()[:12], params.chunk_size, params.window,
                  ALGORITHMS[params.checksum][0] if params.checksum else "off")
@@ -477,8 +546,8 @@ class _Connections:
     def __init__(self, rx: Receiver) -> None:
         self.rx = rx
 
-    async def _hello(self, conn: _Conn, reader: FrameReader) -> Hello | None:
-        """The connection's HELLO, or None if it said nothing useful in time."""
+    async def _opening(self, conn: _Conn, reader: FrameReader) -> tuple[Hello, Auth] | None:
+        """The connection's HELLO and first AUTH, or None if it said nothing useful in time."""
         self.rx._gate.pending += 1
         try:
             with anyio.move_on_after(HANDSHAKE_TIMEOUT):
@@ -486,37 +555,90 @@ class _Connections:
                 if isinstance(hello, ConnectionClosed):
                     return None
                 assert isinstance(hello, Hello)  # the decoder accepts nothing else first
-                return hello
+                auth = await reader.next_event()
+                if isinstance(auth, ConnectionClosed):
+                    return None
+                if not isinstance(auth, Auth):
+                    raise RemoteProtocolError(f"{type(auth).__name__} where AUTH belongs")
+                return hello, auth
         finally:
             self.rx._gate.pending -= 1
         self.rx._counters.rejected += 1
-        log.warning("dropped connection from %s: no HELLO within %g s", conn.name,
+        log.warning("dropped connection from %s: no handshake within %g s", conn.name,
                     HANDSHAKE_TIMEOUT)
         return None
 
+    async def _refuse(self, conn: _Conn, admission: Admission) -> None:
+        self.rx._counters.rejected += 1
+        if await self.rx._gate.answer_refusal(admission, conn.name):
+            await conn.stream.send(encode(admission.welcome))
+
+    async def _authenticate(self, conn: _Conn, reader: FrameReader, hello: Hello,
+                            auth: Auth) -> Welcome | None:
+        """Run the handshake after HELLO; the WELCOME to send, tags set up, or None if the
+        connection did not prove itself (then it has been answered or dropped)."""
+        rx, core = self.rx, self.rx._core
+        refusal = core.admit(hello, auth.kind)
+        if refusal is not None:
+            await self._refuse(conn, refusal)
+            return None
+        pake = auth.kind == AuthKind.PAKE
+        if pake:
+            await rx._gate.before_key_exchange()
+        try:
+            attempt = rx_attempt(encode(hello), auth, keys=core.keys, password=rx._password,
+                                 session_id=hello.session_id)
+        except AuthFailed as exc:
+            raise RemoteProtocolError(str(exc)) from None
+        await conn.stream.send(encode(attempt.auth))
+        with anyio.move_on_after(HANDSHAKE_TIMEOUT):
+            proof = await reader.next_event()
+        try:
+            if not isinstance(proof, Auth):
+                raise AuthFailed("no proof")
+            channel = attempt.check(proof)
+        except AuthFailed:
+            if pake:  # a wrong phrase, or a guess: counted, answered slowly, bounded
+                failure = rx._gate.key_exchange_failed(conn.name)
+                if failure is not None:
+                    rx._fail(failure)
+                await self._refuse(conn, Admission(
+                    Welcome(int(WelcomeStatus.BAD_CHECKPHRASE), bytes(16), 0),
+                    WELCOME_MEANING[WelcomeStatus.BAD_CHECKPHRASE]))
+            else:
+                rx.tampered(f"connection from {conn.name} failed to prove it joins the session")
+            return None
+        unbound = core.params is None
+        known = core.keys
+        welcome = core.authenticated(hello, attempt.keys)
+        if unbound:
+            rx._bound()  # before any await: the next connection may bring DATA at once
+        if core.keys is not known:
+            rx._keyed()
+        reader.decoder.checker = channel.checker
+        conn.tagger = channel.tagger
+        return welcome
+
     async def handle(self, conn: _Conn) -> None:
         reader = FrameReader(conn.stream, Decoder.for_receiver(stream_payload=True), greedy=False)
-        hello = await self._hello(conn, reader)
-        if hello is None:
+        opening = await self._opening(conn, reader)
+        if opening is None:
             return
-        unbound = self.rx._core.params is None
-        admission = self.rx._core.admit(hello)
-        if unbound and self.rx._core.params is not None:
-            self.rx._bound()  # before any await: the next connection may bring DATA at once
-        if not admission.accepted and not admission.session_over:
-            self.rx._counters.rejected += 1
-            if await self.rx._gate.answer_refusal(admission, conn.name):
-                await conn.stream.send(encode(admission.welcome))
+        hello, auth = opening
+        welcome = await self._authenticate(conn, reader, hello, auth)
+        if welcome is None:
             return
-        await conn.stream.send(encode(admission.welcome))
-        if admission.session_over:
+        await conn.stream.send(encode(welcome, conn.tagger))
+        if welcome.status == WelcomeStatus.SESSION_FAILED:
+            return
+        if welcome.status == WelcomeStatus.SESSION_OVER:
             # Our transmitter reconnected after losing BYE_OK: the WELCOME told it that every
             # chunk is written; its FIN confirms it heard that.
             log.info("told a reconnecting connection that the session is complete")
             await self._await_hangup(reader)
             return
         self._join(conn, hello)
-        reader.decoder.max_payload = hello.chunk_size
+        reader.decoder.max_payload = hello.chunk_size + self.rx._core.overhead
         with conn.scope, first_error():
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._conn_sender, conn, tg.cancel_scope)
@@ -583,16 +705,20 @@ class _Connections:
             return
         assert self.rx._pool is not None
         buf = self.rx._pool.get()
+        length = header.length
         try:
-            view = memoryview(buf)[: header.length]
+            view = memoryview(buf)[:length]
             await reader.read_payload_into(view)
-            if self.rx._checksum and self.rx._checksum(view) != header.checksum:
+            if self.rx._sealer is not None:
+                length -= SEAL_OVERHEAD
+                await self._open(conn, header, view)
+            elif self.rx._checksum and self.rx._checksum(view) != header.checksum:
                 raise LinkBroken(f"checksum mismatch in chunk {header.seq}; discarded")
         except BaseException:
             self.rx._core.abandoned(header.seq)
             self.rx._pool.put(buf)
             raise
-        filed = self.rx._core.received(header.seq, (buf, header.length, conn))
+        filed = self.rx._core.received(header.seq, (buf, length, conn))
         if filed is Claim.RECEIVE:
             if header.seq == self.rx._core.reorder.written:
                 self.rx.output.arrived.notify()
@@ -605,6 +731,22 @@ class _Connections:
         conn.link.nbytes += header.length
 
 
+
+    async def _open(self, conn: _Conn, header: DataHeader, view: memoryview) -> None:
+        """Open a sealed chunk in place, in a worker thread (the GIL is released while it
+        runs, so other connections go on).  A chunk that fails to verify is dropped with its
+        connection and comes again; too many such and the session ends."""
+        sealer = self.rx._sealer
+        assert sealer is not None
+        head = bytearray(DATA_HEADER_SIZE)
+        pack_data_header(head, header.seq, header.length, header.checksum)
+        try:
+            await anyio.to_thread.run_sync(sealer.open_into, header.seq, bytes(head), view,
+                                           view[: header.length - SEAL_OVERHEAD])
+        except AuthFailed:
+            self.rx.tampered(f"chunk {header.seq} from {conn.name} failed to verify; dropped "
+                             "with its connection, it will be sent again")
+            raise LinkBroken(f"chunk {header.seq} failed to verify") from None
 
     async def _on_bye(self, conn: _Conn, bye: Bye) -> None:
         core = self.rx._core

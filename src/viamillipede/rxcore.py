@@ -27,14 +27,17 @@ from .window import Offer, ReorderBuffer
 from .wire import (
     PROTOCOL_VERSION,
     WELCOME_MEANING,
+    AuthKind,
     Bye,
     ByeOk,
     Feature,
     Hello,
+    Mode,
     RemoteProtocolError,
     Welcome,
     WelcomeStatus,
 )
+from .wire.secure import SEAL_OVERHEAD, SessionKeys
 
 T = TypeVar("T")
 
@@ -104,8 +107,10 @@ class Params:
 class ReceiverCore(Generic[T]):
     """One session's receiving state.  ``T`` is whatever the driver files with a chunk."""
 
-    def __init__(self, checkphrase: bytes, *, max_chunk_size: int, max_buffer: int) -> None:
-        self._checkphrase = checkphrase
+    def __init__(self, *, max_chunk_size: int, max_buffer: int, plaintext: bool = False) -> None:
+        self.plaintext = plaintext
+        self.keys: SessionKeys | None = None
+        self._data_seen = False  # a DATA header was judged: the keys can no longer change
         self._max_chunk_size = max_chunk_size
         self._max_buffer = max_buffer
         self.state = RxState.LISTENING
@@ -121,31 +126,48 @@ class ReceiverCore(Generic[T]):
 
     # -- admission -----------------------------------------------------------------------
 
-    def admit(self, hello: Hello) -> Admission:
-        """Judge a HELLO.  Nothing but ACCEPTED (or SESSION_OVER to the session's own
-        transmitter) tells the client the session id or progress: a client must prove it
-        knows both the checkphrase and the session before it learns anything."""
+    def admit(self, hello: Hello, kind: int) -> Admission | None:
+        """Judge a HELLO and the kind of handshake its AUTH asks for.  None: go on and
+        authenticate (a key exchange, or a join with the session's keys); else the refusal
+        to send.  A refusal tells the client neither the session id nor the progress."""
         if hello.version != PROTOCOL_VERSION:
             return self._refuse(WelcomeStatus.BAD_VERSION)
-        if hello.checkphrase != self._checkphrase:
-            return self._refuse(WelcomeStatus.BAD_CHECKPHRASE)
+        if bool(hello.mode & Mode.PLAINTEXT) != self.plaintext:
+            return self._refuse(WelcomeStatus.BAD_MODE)
         params = self.params
         if params is not None and hello.session_id != params.session_id:
             return self._refuse(WelcomeStatus.WRONG_SESSION)
-        if self.state is RxState.SUCCEEDED:
-            return Admission(
-                Welcome(int(WelcomeStatus.SESSION_OVER), hello.session_id, self.reorder.written),
-                WELCOME_MEANING[WelcomeStatus.SESSION_OVER],
-            )
         if self.state is RxState.FAILED:
             return self._refuse(WelcomeStatus.SESSION_FAILED)
         if not self._acceptable(hello):
             return self._refuse(WelcomeStatus.BAD_PARAMETERS)
-        if params is None:
-            self._bind(hello)
-        return Admission(
-            Welcome(int(WelcomeStatus.ACCEPTED), hello.session_id, self.reorder.written), ""
-        )
+        if kind == AuthKind.PAKE:
+            # The session's first connection, or its transmitter again because the first
+            # WELCOME was lost: keys may be agreed anew only while no DATA has come.
+            if params is None or (self.state is RxState.RECEIVING and not self._data_seen):
+                return None
+        elif kind == AuthKind.JOIN and self.keys is not None:
+            return None
+        return self._refuse(WelcomeStatus.WRONG_SESSION)
+
+    def authenticated(self, hello: Hello, keys: SessionKeys) -> Welcome:
+        """The connection proved itself with ``keys``: the WELCOME it gets.  A key exchange
+        binds the session (or re-keys it while no DATA has come)."""
+        if self.keys is not keys:
+            if self.params is None:
+                self._bind(hello)
+            self.keys = keys
+        if self.state is RxState.SUCCEEDED:
+            return Welcome(int(WelcomeStatus.SESSION_OVER), hello.session_id,
+                           self.reorder.written)
+        if self.state is RxState.FAILED:
+            return Welcome(int(WelcomeStatus.SESSION_FAILED), hello.session_id, 0)
+        return Welcome(int(WelcomeStatus.ACCEPTED), hello.session_id, self.reorder.written)
+
+    @property
+    def overhead(self) -> int:
+        """Bytes a sealed chunk carries beyond its plaintext."""
+        return 0 if self.plaintext else SEAL_OVERHEAD
 
     def _refuse(self, status: WelcomeStatus) -> Admission:
         return Admission(Welcome(int(status), _NO_SESSION, 0), WELCOME_MEANING[status])
@@ -182,10 +204,12 @@ class ReceiverCore(Generic[T]):
         params = self.params
         if params is None or self.state is RxState.LISTENING:  # pragma: no cover - no HELLO
             raise RemoteProtocolError("DATA before the session was bound")
-        if not 1 <= length <= params.chunk_size:
+        self._data_seen = True
+        overhead = self.overhead
+        if not 1 + overhead <= length <= params.chunk_size + overhead:
             raise RemoteProtocolError(
-                f"chunk {seq} is {length} bytes; the session's chunks are 1 to "
-                f"{params.chunk_size}")
+                f"chunk {seq} is {length} bytes; the session's chunks are {1 + overhead} to "
+                f"{params.chunk_size + overhead}")
         written = self.reorder.written
         if seq >= written + params.window:
             raise RemoteProtocolError(

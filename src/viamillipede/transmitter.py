@@ -34,6 +34,7 @@ from .errors import (
     ViamillipedeError,
 )
 from .framing import STREAM_ERRORS, FrameReader, Notifier, first_error
+from .keying import AuthFailed, TxKeying
 from .monitor import NOTE, Reminder
 from .options import (
     DEFAULT_CHECKPHRASE,
@@ -60,6 +61,7 @@ from .wire import (
     ERROR_MEANING,
     WELCOME_MEANING,
     Ack,
+    Auth,
     Bye,
     ByeOk,
     ConnectionClosed,
@@ -69,12 +71,14 @@ from .wire import (
     Event,
     Fin,
     Hello,
+    Mode,
     ProtocolError,
     RemoteProtocolError,
     Welcome,
     WelcomeStatus,
     encode,
 )
+from .wire.secure import ChunkSealer, Tagger, password
 
 __all__ = ["Connector", "Source", "Transmitter"]
 
@@ -108,7 +112,9 @@ class Transmitter:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         window: int | None = None,
         checksum: bool | int = False,
-        checkphrase: str = DEFAULT_CHECKPHRASE,
+        checkphrase: str | bytes = DEFAULT_CHECKPHRASE,
+        key: bytes | None = None,
+        plaintext: bool = False,
         idle_timeout: float = DEFAULT_TIMEOUT,
         describe: Callable[[int], str] | None = None,
         target: Callable[[int], str] | None = None,
@@ -125,10 +131,13 @@ class Transmitter:
         self._describe = describe or (lambda i: f"connection {i}")
         self.session_id = session_id if session_id is not None else os.urandom(16)
         algorithm = checksums.DEFAULT if checksum is True else int(checksum)
-        self._hello = Hello(checkphrase=encode_checkphrase(checkphrase),
+        if algorithm and not plaintext:
+            log.info("checksum: not needed, every sealed chunk's tag already covers it")
+            algorithm = 0
+        self._hello = Hello(mode=int(Mode.PLAINTEXT) if plaintext else 0,
                             session_id=self.session_id, conn_index=0, chunk_size=chunk_size,
                             window=window, features=algorithm)
-        self._checkphrase = checkphrase
+        keying = TxKeying(password(encode_checkphrase(checkphrase), key), self.session_id)
         ranks = [rank(i) if rank else 0 for i in range(threads)]
         fill = fill_threshold(window, chunk_size, below=FILL_BELOW_RTT,
                               per_bytes=FILL_WINDOW_BYTES)
@@ -140,10 +149,21 @@ class Transmitter:
         self._targets = sorted(dict.fromkeys(self._target_of),
                                key=lambda t: ranks[self._target_of.index(t)])
         self._links = {i: LinkCounters(i, self._target_of[i]) for i in range(threads)}
+        sealers: list[ChunkSealer] = []
+
+        async def sealer() -> ChunkSealer:
+            """The session's sealer, once the first connection's key exchange is done."""
+            if not sealers:
+                await self._shared.keyed.wait()
+                assert keying.keys is not None
+                sealers.append(ChunkSealer(keying.keys.data_tx, self.session_id, chunk_size))
+            return sealers[0]
+
         self._shared = _Shared(
             Dispatcher(window, ranks, fill_below=fill),
-            ChunkReader(source, chunk_size, keep=window + threads, checksum=digest),
-            self._counters, self._links)
+            ChunkReader(source, chunk_size, keep=window + threads, checksum=digest,
+                        sealer=None if plaintext else sealer),
+            self._counters, self._links, keying)
         self._error: ViamillipedeError | None = None
         self._last_connect_error = ""
         self._trouble: dict[str, str] = {}  # target -> why its last attempt failed
@@ -310,7 +330,7 @@ class Transmitter:
                                      lambda: self._trouble.pop(target, None))
             try:
                 async with stream:
-                    await connection.run(hello, self._checkphrase)
+                    await connection.run(hello)
                 return  # the session is over
             except LinkBroken as exc:
                 self._trouble[target] = str(exc)
@@ -334,21 +354,25 @@ class _Shared:
     """What the tasks of one transmitter share: the dispatcher, the chunks, the wake-ups."""
 
     def __init__(self, core: Dispatcher[Chunk], chunks: ChunkReader, counters: Counters,
-                 links: dict[int, LinkCounters]) -> None:
+                 links: dict[int, LinkCounters], keying: TxKeying) -> None:
         self.core = core
+        self.keying = keying
+        self.keyed = anyio.Event()  # the first connection's key exchange is confirmed
+        self.key_exchange = anyio.Lock()  # one at a time: the others then join
         self.chunks = chunks
         self.counters = counters
         self.links = links
         self.acked = Notifier()  # a useful ACK arrived: window or in-flight room may be free
         self.turns: dict[int, anyio.Event] = {}  # idle connections, each woken by its event
         self.done = anyio.Event()
-        self.live: dict[int, anyio.abc.ByteStream] = {}  # handshaken streams, by connection
+        # Handshaken streams by connection, with the tagger of their control frames.
+        self.live: dict[int, tuple[anyio.abc.ByteStream, Tagger]] = {}
         self.down_since: float | None = anyio.current_time()  # since when none is live
         self.went_down = Notifier()
         self.mid_send: set[int] = set()  # connections whose stream is inside a frame
 
-    def up(self, conn: int, stream: anyio.abc.ByteStream) -> None:
-        self.live[conn] = stream
+    def up(self, conn: int, stream: anyio.abc.ByteStream, tagger: Tagger) -> None:
+        self.live[conn] = (stream, tagger)
         self.down_since = None
 
     def down(self, conn: int) -> None:
@@ -383,13 +407,13 @@ class _Shared:
         self.acked.notify()
         self.wake(wakes)
 
-    async def confirm(self, stream: anyio.abc.ByteStream) -> None:
+    async def confirm(self, stream: anyio.abc.ByteStream, tagger: Tagger) -> None:
         """Tell the receiver we know it is done (FIN), so it can stop listening; then finish.
 
         Best effort: if FIN is lost too, the receiver stops waiting after its linger time.
         """
         with anyio.move_on_after(BEST_EFFORT_TIMEOUT), contextlib.suppress(*STREAM_ERRORS):
-            await stream.send(encode(Fin(*self.core.totals())))
+            await stream.send(encode(Fin(*self.core.totals()), tagger))
         self.done.set()
 
     async def tell_receiver(self, error: ViamillipedeError) -> None:
@@ -398,12 +422,12 @@ class _Shared:
         if isinstance(error, (RemoteFailure, PeerRejected)):
             return  # the receiver ended it, or will not talk to us
         code = ErrorCode.ABORTED if isinstance(error, Interrupted) else ErrorCode.SOURCE_FAILED
-        frame = encode(Error(int(code), str(error)))
+        error_frame = Error(int(code), str(error))
         with anyio.move_on_after(BEST_EFFORT_TIMEOUT):
-            for conn, stream in list(self.live.items()):
+            for conn, (stream, tagger) in list(self.live.items()):
                 if conn not in self.mid_send:
                     with contextlib.suppress(*STREAM_ERRORS):
-                        await stream.send(frame)
+                        await stream.send(encode(error_frame, tagger))
 
 
 class _Connection:
@@ -418,24 +442,30 @@ class _Connection:
         self._name = name
         self._stream = stream
         self.progressed = False  # a useful ACK arrived here: reconnect quickly if it breaks
+        self._tagger: Tagger | None = None
 
-    async def run(self, hello: Hello, checkphrase: str) -> None:
+    async def run(self, hello: Hello) -> None:
         """Returns once the session is over; raises LinkBroken to have the connection dropped
         (a broken stream, a stall, a frame the receiver had no business sending)."""
         shared, core, conn = self._shared, self._shared.core, self._conn
         reader = FrameReader(self._stream, Decoder.for_transmitter(), greedy=True)
-        welcome = await self._handshake(reader, hello, checkphrase)
+        if shared.keying.keys is None:
+            async with shared.key_exchange:  # the first to get it exchanges keys
+                welcome, tagger = await self._handshake(reader, hello)
+        else:
+            welcome, tagger = await self._handshake(reader, hello)
+        self._tagger = tagger
         if welcome.status == WelcomeStatus.SESSION_OVER:
             # Our BYE_OK was lost with its connection; this WELCOME says the same thing.
             core.on_session_over(welcome.written)
             log.debug("the receiver reports the session complete")
-            await shared.confirm(self._stream)
+            await shared.confirm(self._stream, tagger)
             return
         try:
             shared.released(core.on_welcome(conn, welcome.written, anyio.current_time()))
             shared.counters.connections += 1
             shared.links[conn].state = "up"
-            shared.up(conn, self._stream)
+            shared.up(conn, self._stream, tagger)
             self._on_up()
             log.info("%s: connected", self._name)
             with first_error():
@@ -454,11 +484,16 @@ class _Connection:
             shared.wake(core.connection_lost(conn))
             shared.links[conn].retransmits += lost
 
-    async def _handshake(self, reader: FrameReader, hello: Hello, checkphrase: str) -> Welcome:
+    async def _handshake(self, reader: FrameReader, hello: Hello) -> tuple[Welcome, Tagger]:
+        """HELLO and the key exchange (or join); the receiver's WELCOME, checked, and the
+        tagger for our control frames on this connection."""
+        keying = self._shared.keying
+        hello_frame = encode(hello)
+        attempt = keying.start(hello_frame)
         limit = self._shared.core.handshake_limit()
         try:
             with anyio.fail_after(limit):
-                await self._stream.send(encode(hello))
+                await self._stream.send(hello_frame + encode(attempt.auth))
                 answer = await reader.next_event()
         except TimeoutError:
             raise NotAReceiver(f"no answer to HELLO in {limit:g} s") from None
@@ -467,7 +502,42 @@ class _Connection:
         except ProtocolError as exc:
             # Not a flaky link: whatever listens there does not speak our protocol.
             raise NotAReceiver(what_answered(reader.decoder.peek(24), exc)) from exc
-        return check_welcome(answer, hello, checkphrase)
+        if not isinstance(answer, Auth):
+            if keying.keys is not None and isinstance(answer, Welcome):
+                # Anyone on the path can say this: only a proven WELCOME may end a session.
+                raise LinkBroken(f"refused without proof (status {answer.status})")
+            check_welcome(answer, hello)
+            raise ProtocolViolation("the receiver accepted a connection without a handshake")
+        try:
+            proof = attempt.answer(answer)
+        except AuthFailed:
+            if attempt.joining:
+                raise LinkBroken("the receiver could not prove it holds the session's keys; "
+                                 "is someone in the middle?") from None
+            raise PeerRejected("the receiver does not share our checkphrase or key (its proof "
+                               "failed); both ends must use the same") from None
+        channel = attempt.channel()
+        reader.decoder.checker = channel.checker
+        try:
+            with anyio.fail_after(limit):
+                await self._stream.send(encode(proof))
+                answer = await reader.next_event()
+        except TimeoutError:
+            raise LinkBroken("no WELCOME after the handshake") from None
+        except STREAM_ERRORS as exc:
+            raise LinkBroken(str(exc) or type(exc).__name__) from exc
+        except ProtocolError as exc:
+            raise LinkBroken(f"handshake: {exc}") from exc
+        welcome = check_welcome(answer, hello)
+        attempt.welcomed()
+        if not self._shared.keyed.is_set():
+            log.debug("session keys agreed (%s)", "plaintext data" if hello.mode else "sealed")
+            self._shared.keyed.set()
+        return welcome, channel.tagger
+
+    def _control(self, event: Bye) -> bytes:
+        assert self._tagger is not None
+        return encode(event, self._tagger)
 
     async def _send_loop(self) -> None:
         """Do what the dispatcher says, until the connection fails."""
@@ -490,7 +560,7 @@ class _Connection:
                 await shared.wait_turn(conn)
             elif step is Step.SEND_BYE:
                 shared.mid_send.add(conn)
-                await self._stream.send(encode(Bye(*core.totals())))
+                await self._stream.send(self._control(Bye(*core.totals())))
                 shared.mid_send.discard(conn)
             else:
                 await anyio.sleep_forever()  # the session succeeded
@@ -521,7 +591,8 @@ class _Connection:
             elif isinstance(event, ByeOk):
                 core.on_bye_ok(conn, event.chunks, event.nbytes)
                 log.debug("receiver confirmed %d bytes", event.nbytes)
-                await shared.confirm(reader.stream)
+                assert self._tagger is not None
+                await shared.confirm(reader.stream, self._tagger)
                 return
             elif isinstance(event, Error):
                 raise remote_failure(event)
@@ -562,7 +633,7 @@ def remote_failure(error: Error) -> RemoteFailure:
     return RemoteFailure(f"the receiver aborted: {error.message}")
 
 
-def check_welcome(answer: Event, hello: Hello, checkphrase: str) -> Welcome:
+def check_welcome(answer: Event, hello: Hello) -> Welcome:
     """The answer to ``hello`` if it lets the connection go on (ACCEPTED, or SESSION_OVER for
     our session); otherwise raises what the session ends with."""
     if isinstance(answer, Error):
@@ -583,8 +654,12 @@ def check_welcome(answer: Event, hello: Hello, checkphrase: str) -> Welcome:
             raise PeerRejected("the receiver has already finished another session")
         return answer
     if status == WelcomeStatus.BAD_CHECKPHRASE:
-        raise PeerRejected(f"the receiver rejected checkphrase {checkphrase!r}; "
-                           "both ends must use the same checkphrase")
+        raise PeerRejected("the receiver does not share our checkphrase or key; "
+                           "both ends must use the same")
+    if status == WelcomeStatus.BAD_MODE:
+        mine = "with" if hello.mode & Mode.PLAINTEXT else "without"
+        raise PeerRejected(f"the receiver was not started {mine} plaintext; give plaintext to "
+                           "both ends or to neither")
     if status == WelcomeStatus.WRONG_SESSION:
         raise PeerRejected("the receiver is busy with another session; start a fresh receiver")
     if status == WelcomeStatus.BAD_VERSION:

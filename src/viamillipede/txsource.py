@@ -10,7 +10,7 @@ offers (see :mod:`viamillipede.streams`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
 import anyio
@@ -19,6 +19,7 @@ import anyio.abc
 from .framing import BufferPool
 from .streams import SendFile, SendPages
 from .wire import DATA_HEADER_SIZE, pack_data_header
+from .wire.secure import SEAL_OVERHEAD, ChunkSealer
 
 #: How long a partly filled chunk waits for more input before it is sent as it is.
 FLUSH_AFTER = 0.2
@@ -57,17 +58,18 @@ class Chunk:
     """A chunk in the window: its frame in a pooled ``buf``, or (``offset`` >= 0) only its
     header in ``buf`` and the payload in the source file at ``offset``."""
 
-    __slots__ = ("acked", "buf", "length", "offset", "sending")
+    __slots__ = ("acked", "buf", "extra", "length", "offset", "sending")
 
-    def __init__(self, buf: bytearray, length: int, offset: int = -1) -> None:
+    def __init__(self, buf: bytearray, length: int, offset: int = -1, extra: int = 0) -> None:
         self.buf = buf
-        self.length = length
+        self.length = length  # of the plaintext
+        self.extra = extra  # bytes the frame's payload has beyond it (the seal's tag)
         self.offset = offset
         self.sending = 0  # sends of this buffer in progress: it is not reused before 0
         self.acked = False
 
     def frame(self) -> memoryview:
-        return memoryview(self.buf)[: DATA_HEADER_SIZE + self.length]
+        return memoryview(self.buf)[: DATA_HEADER_SIZE + self.length + self.extra]
 
     def header(self) -> memoryview:
         return memoryview(self.buf)[:DATA_HEADER_SIZE]
@@ -87,15 +89,22 @@ class ChunkReader:
     """Reads the source into chunks, one call per chunk, and takes back their buffers."""
 
     def __init__(self, source: Source, chunk_size: int, *, keep: int,
-                 checksum: Callable[[memoryview], int] | None) -> None:
+                 checksum: Callable[[memoryview], int] | None,
+                 sealer: Callable[[], Awaitable[ChunkSealer]] | None = None) -> None:
         self._source = source
         self._size = chunk_size
         self._checksum = checksum
-        self.pool = BufferPool(DATA_HEADER_SIZE + chunk_size, keep=keep)
+        # Sealed chunks: each is sealed once, in place, in a worker thread, when it is read,
+        # and its sealed bytes are what every send of it sends.  ``sealer`` waits for the
+        # session's keys.
+        self._sealer = sealer
+        self._extra = SEAL_OVERHEAD if sealer is not None else 0
+        self.pool = BufferPool(DATA_HEADER_SIZE + chunk_size + self._extra, keep=keep)
         # A regular file is sent from the page cache.  With checksums each region is read
         # once, into a buffer kept until the chunk is acknowledged: hashed and re-sent from
-        # that one copy, so what arrives is what was hashed even if the file changes.
-        self.regions = regions_of(source)
+        # that one copy, so what arrives is what was hashed even if the file changes.  A
+        # sealed chunk must be in memory anyway: read like a pipe.
+        self.regions = regions_of(source) if sealer is None else None
         # Only a checksummed file's chunks go by reference (send_pages): for a pipe's chunks,
         # read into fresh buffers anyway, it measured slower than a plain send.
         self.by_reference = checksum is not None and self.regions is not None
@@ -137,10 +146,26 @@ class ChunkReader:
         if not n:
             self.pool.put(buf)
             return None
+        if self._sealer is not None:
+            try:
+                await self._seal(view, seq, n)
+            except BaseException:
+                self.pool.put(buf)
+                raise
+            return Chunk(buf, n, extra=SEAL_OVERHEAD)
         crc = self._checksum(view[DATA_HEADER_SIZE : DATA_HEADER_SIZE + n]) if self._checksum \
             else 0
         pack_data_header(buf, seq, n, crc)
         return Chunk(buf, n)
+
+    async def _seal(self, view: memoryview, seq: int, n: int) -> None:
+        assert self._sealer is not None
+        sealer = await self._sealer()
+        pack_data_header(view, seq, n + SEAL_OVERHEAD, 0)
+        header = bytes(view[:DATA_HEADER_SIZE])
+        payload = view[DATA_HEADER_SIZE : DATA_HEADER_SIZE + n + SEAL_OVERHEAD]
+        # Not abandoned on cancel: the thread writes into a pooled buffer.
+        await anyio.to_thread.run_sync(sealer.seal_into, seq, header, payload[:n], payload)
 
     async def _claim(self, source: RegionSource, seq: int) -> Chunk | None:
         offset, n = source.claim(self._size)

@@ -11,9 +11,10 @@ from .codec import (
     encode_ack,
     pack_data_header,
 )
-from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError, TamperedFrame
 from .events import (
     Ack,
+    Auth,
     Bye,
     ByeOk,
     ConnectionClosed,
@@ -31,8 +32,10 @@ from .frames import (
     MAGIC,
     PROTOCOL_VERSION,
     WELCOME_MEANING,
+    AuthKind,
     ErrorCode,
     Feature,
+    Mode,
     WelcomeStatus,
 )
 
@@ -45,6 +48,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "WELCOME_MEANING",
     "Ack",
+    "Auth",
+    "AuthKind",
     "Bye",
     "ByeOk",
     "ConnectionClosed",
@@ -58,8 +63,10 @@ __all__ = [
     "Fin",
     "Hello",
     "LocalProtocolError",
+    "Mode",
     "ProtocolError",
     "RemoteProtocolError",
+    "TamperedFrame",
     "Welcome",
     "WelcomeStatus",
     "encode",

@@ -23,9 +23,10 @@ from typing import Any, Final
 
 from construct import ConstructError
 
-from .errors import RemoteProtocolError
+from .errors import RemoteProtocolError, TamperedFrame
 from .events import (
     Ack,
+    Auth,
     Bye,
     ByeOk,
     ConnectionClosed,
@@ -39,6 +40,7 @@ from .events import (
 )
 from .frames import (
     ACK_FRAME,
+    AUTH_BODY,
     BODIES,
     BYE_BODY,
     BYE_OK_BODY,
@@ -50,6 +52,7 @@ from .frames import (
     MAGIC,
     MAX_ERROR_TEXT,
     T_ACK,
+    T_AUTH,
     T_BYE,
     T_BYE_OK,
     T_DATA,
@@ -57,8 +60,10 @@ from .frames import (
     T_FIN,
     T_HELLO,
     T_WELCOME,
+    TAGGED,
     WELCOME_BODY,
 )
+from .secure import TAG_SIZE, AuthFailed, TagChecker, Tagger
 
 
 class _NeedData(Enum):
@@ -84,6 +89,7 @@ _FRAME_NAMES = {
     T_BYE_OK: "BYE_OK",
     T_FIN: "FIN",
     T_ERROR: "ERROR",
+    T_AUTH: "AUTH",
 }
 
 
@@ -112,12 +118,13 @@ class Decoder:
         "_remaining",
         "_state",
         "_stream_payload",
+        "checker",
         "max_payload",
     )
 
     def __init__(
         self,
-        opening: int,
+        opening: frozenset[int],
         allowed: frozenset[int],
         *,
         max_payload: int = ABSOLUTE_MAX_PAYLOAD,
@@ -132,18 +139,22 @@ class Decoder:
         self._stream_payload = stream_payload
         self._remaining = 0
         self._pending_header: DataHeader | None = None
+        #: Set once the handshake is done: control frames must then carry valid tags.
+        self.checker: TagChecker | None = None
         #: DATA frames longer than this are protocol errors; set it from the HELLO.
         self.max_payload = min(max_payload, ABSOLUTE_MAX_PAYLOAD)
 
     @classmethod
     def for_receiver(cls, *, max_payload: int = ABSOLUTE_MAX_PAYLOAD,
                      stream_payload: bool = False) -> Decoder:
-        return cls(T_HELLO, frozenset({T_DATA, T_BYE, T_FIN, T_ERROR}), max_payload=max_payload,
-                   stream_payload=stream_payload)
+        return cls(frozenset({T_HELLO}), frozenset({T_AUTH, T_DATA, T_BYE, T_FIN, T_ERROR}),
+                   max_payload=max_payload, stream_payload=stream_payload)
 
     @classmethod
     def for_transmitter(cls) -> Decoder:
-        return cls(T_WELCOME, frozenset({T_ACK, T_BYE_OK, T_ERROR}))
+        # A refusal is a WELCOME at once; otherwise AUTH comes first, then a tagged WELCOME.
+        return cls(frozenset({T_AUTH, T_WELCOME}),
+                   frozenset({T_WELCOME, T_ACK, T_BYE_OK, T_ERROR}))
 
     # -- input ---------------------------------------------------------------------------
 
@@ -184,7 +195,7 @@ class Decoder:
             return max(self._remaining - self.buffered, 0)
         have = self.buffered
         if have == 0:
-            types = {self._opening} if self._state is _State.EXPECT_OPENING else self._allowed
+            types = self._opening if self._state is _State.EXPECT_OPENING else self._allowed
             return min(FIXED_SIZE[t] for t in types)
         ftype = self._buf[self._pos]
         size = FIXED_SIZE.get(ftype, 1)
@@ -238,14 +249,15 @@ class Decoder:
         buf = self._buf
         pos = self._pos
         ftype = buf[pos]
-        expected = {self._opening} if self._state is _State.EXPECT_OPENING else self._allowed
+        expected = self._opening if self._state is _State.EXPECT_OPENING else self._allowed
         if ftype not in expected:
             name = _FRAME_NAMES.get(ftype)
             if name is None:
                 raise RemoteProtocolError(f"unknown frame type 0x{ftype:02x}")
             raise RemoteProtocolError(f"unexpected {name} frame in state {self._state.value}")
         size = FIXED_SIZE[ftype]
-        if have < size:
+        tail = TAG_SIZE if self.checker is not None and ftype in TAGGED else 0
+        if have < size + (tail if ftype != T_ERROR else 0):
             return self._need(f"truncated {_FRAME_NAMES[ftype]} frame")
         if ftype == T_DATA:
             _, seq, length, checksum = DATA_HEADER.unpack_from(buf, pos)
@@ -267,22 +279,26 @@ class Decoder:
             self._pos = start + length
             return Data(seq, checksum, bytes(buf[start : start + length]))
         if ftype == T_ACK:
+            self._verify(pos, pos + size, tail)
             _, seq, written = ACK_FRAME.unpack_from(buf, pos)
-            self._pos = pos + size
             return Ack(seq, written)
         if ftype == T_ERROR:
             parsed = ERROR_BODY.parse(bytes(buf[pos + 1 : pos + size]))
             length = parsed.length
             if length > MAX_ERROR_TEXT:
                 raise RemoteProtocolError(f"ERROR text of {length} bytes is too long")
-            if have < size + length:
+            if have < size + length + tail:
                 return self._need("truncated ERROR frame")
+            self._verify(pos, pos + size + length, tail)
             text = bytes(buf[pos + size : pos + size + length]).decode("utf-8", "replace")
-            self._pos = pos + size + length
             self._state = _State.FINISHED
             return Error(parsed.code, text)
         body = bytes(buf[pos + 1 : pos + size])
-        self._pos = pos + size
+        self._verify(pos, pos + size, tail)
+        if ftype == T_AUTH:
+            a = AUTH_BODY.parse(body)
+            self._state = _State.OPEN
+            return Auth(a.kind, a.nonce, a.pake, a.proof)
         if ftype == T_HELLO:
             if body[:4] != MAGIC:
                 raise RemoteProtocolError("bad magic: the peer does not speak viamillipede")
@@ -292,7 +308,7 @@ class Decoder:
                 raise RemoteProtocolError(f"malformed HELLO: {exc}") from None
             self._state = _State.OPEN
             return Hello(
-                checkphrase=h.checkphrase,
+                mode=h.mode,
                 session_id=h.session_id,
                 conn_index=h.conn_index,
                 chunk_size=h.chunk_size,
@@ -315,6 +331,19 @@ class Decoder:
         b = BYE_OK_BODY.parse(body)
         self._state = _State.FINISHED
         return ByeOk(b.chunks, b.nbytes)
+
+    def _verify(self, start: int, end: int, tail: int) -> None:
+        """Consume the frame at ``start:end`` and its tag, if it carries one; raise
+        TamperedFrame if the tag does not verify."""
+        self._pos = end + tail
+        if tail:
+            assert self.checker is not None
+            buf = self._buf
+            try:
+                self.checker.check(bytes(buf[start:end]), bytes(buf[end : end + tail]))
+            except AuthFailed:
+                name = _FRAME_NAMES[buf[start]]
+                raise TamperedFrame(f"{name} frame with a tag that does not verify") from None
 
     def _need(self, what: str) -> _NeedData:
         if self._eof:
@@ -339,13 +368,27 @@ def _build(body: Any, ftype: int, fields: dict[str, Any]) -> bytes:
     return bytes([ftype]) + bytes(body.build(fields))
 
 
-def encode(event: Event) -> bytes:
-    """The bytes of one frame.  DATA payloads are concatenated here: fine for tests and small
-    frames; the transmitter's hot path uses :func:`pack_data_header` instead."""
+def encode(event: Event, tagger: Tagger | None = None) -> bytes:
+    """The bytes of one frame, with its tag if ``tagger`` is given (control frames after the
+    handshake).  DATA payloads are concatenated here: fine for tests and small frames; the
+    transmitter's hot path uses :func:`pack_data_header` instead."""
+    frame = _encode(event)
+    if tagger is None:
+        return frame
+    if frame[0] not in TAGGED:
+        raise ValueError(f"{type(event).__name__} frames carry no tag")
+    return frame + tagger.tag(frame)
+
+
+def _encode(event: Event) -> bytes:
+    if isinstance(event, Auth):
+        fields = {"kind": event.kind, "nonce": event.nonce, "pake": event.pake,
+                  "proof": event.proof}
+        return _build(AUTH_BODY, T_AUTH, fields)
     if isinstance(event, Hello):
         fields = {
             "version": event.version,
-            "checkphrase": event.checkphrase,
+            "mode": event.mode,
             "session_id": event.session_id,
             "conn_index": event.conn_index,
             "chunk_size": event.chunk_size,

@@ -19,3 +19,8 @@ class RemoteProtocolError(ProtocolError):
 
 class LocalProtocolError(ProtocolError):
     """We tried to send something the protocol forbids in the current state."""
+
+
+class TamperedFrame(RemoteProtocolError):
+    """A control frame's tag did not verify: it was changed, forged, replayed or reordered
+    on its way (or the peer is broken)."""

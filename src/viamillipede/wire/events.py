@@ -15,7 +15,7 @@ from .frames import PROTOCOL_VERSION
 class Hello:
     """Opens a connection: who we are (session), what we speak, and the limits we will keep."""
 
-    checkphrase: bytes
+    mode: int
     session_id: bytes
     conn_index: int
     chunk_size: int
@@ -35,6 +35,17 @@ class Welcome:
     status: int
     session_id: bytes
     written: int
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """A step of the handshake after HELLO: the transmitter's nonce and key exchange message,
+    the receiver's with its proof, then the transmitter's proof (fields not used are zero)."""
+
+    kind: int
+    nonce: bytes = bytes(32)
+    pake: bytes = bytes(33)
+    proof: bytes = bytes(32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,4 +120,6 @@ class ConnectionClosed:
     """The peer closed its side cleanly at a frame boundary."""
 
 
-Event = Hello | Welcome | DataHeader | Data | Ack | Bye | ByeOk | Fin | Error | ConnectionClosed
+Event = (
+    Hello | Auth | Welcome | DataHeader | Data | Ack | Bye | ByeOk | Fin | Error | ConnectionClosed
+)

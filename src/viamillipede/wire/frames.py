@@ -19,7 +19,7 @@ from enum import IntEnum
 from construct import Bytes, Const, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
 MAGIC = b"VMPD"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: The first byte of every frame.
 T_HELLO = 0x48  # "H"  transmitter -> receiver, first frame of every connection
@@ -30,6 +30,7 @@ T_BYE = 0x42  # "B"  transmitter -> receiver, end of stream
 T_BYE_OK = 0x62  # "b"  receiver -> transmitter, everything written
 T_ERROR = 0x45  # "E"  either way, fatal for the session
 T_FIN = 0x46  # "F"  transmitter -> receiver, "I have your BYE_OK": the receiver may exit
+T_AUTH = 0x4B  # "K"  both ways, during the handshake: key exchange and proofs
 
 
 class WelcomeStatus(IntEnum):
@@ -42,6 +43,20 @@ class WelcomeStatus(IntEnum):
     BAD_PARAMETERS = 4
     SESSION_OVER = 5
     SESSION_FAILED = 6
+    BAD_MODE = 7  # one end was started with plaintext, the other without
+
+
+class AuthKind(IntEnum):
+    """What an AUTH frame opens: the session's key exchange, or one more connection of it."""
+
+    PAKE = 1
+    JOIN = 2
+
+
+class Mode(IntEnum):
+    """Bits of the HELLO ``mode`` word."""
+
+    PLAINTEXT = 0x00000001  # DATA travels in clear (the handshake and control frames do not)
 
 
 class ErrorCode(IntEnum):
@@ -80,6 +95,7 @@ WELCOME_MEANING: dict[WelcomeStatus, str] = {
     WelcomeStatus.BAD_PARAMETERS: "chunk size, window, features or connection number out of bounds",
     WelcomeStatus.SESSION_OVER: "the session is already complete",
     WelcomeStatus.SESSION_FAILED: "the session has failed",
+    WelcomeStatus.BAD_MODE: "one end was started with plaintext and the other without",
 }
 
 #: Why a peer abandons the session, as the other end reports it.
@@ -96,7 +112,7 @@ ERROR_MEANING: dict[ErrorCode, str] = {
 HELLO_BODY = Struct(
     "magic" / Const(MAGIC),
     "version" / Int16ub,
-    "checkphrase" / Bytes(4),
+    "mode" / Int32ub,
     "session_id" / Bytes(16),
     "conn_index" / Int16ub,
     "chunk_size" / Int32ub,
@@ -108,6 +124,13 @@ WELCOME_BODY = Struct(
     "status" / Int8ub,
     "session_id" / Bytes(16),
     "written" / Int64ub,
+)
+
+AUTH_BODY = Struct(
+    "kind" / Int8ub,
+    "nonce" / Bytes(32),
+    "pake" / Bytes(33),
+    "proof" / Bytes(32),
 )
 
 DATA_BODY = Struct(
@@ -145,7 +168,11 @@ BODIES = {
     T_BYE_OK: BYE_OK_BODY,
     T_FIN: FIN_BODY,
     T_ERROR: ERROR_BODY,
+    T_AUTH: AUTH_BODY,
 }
+
+#: Frames followed by a 16-byte tag once a connection's handshake is complete.
+TAGGED = frozenset({T_WELCOME, T_ACK, T_BYE, T_BYE_OK, T_FIN, T_ERROR})
 
 #: Type byte + fixed body, by type code.
 FIXED_SIZE: dict[int, int] = {t: 1 + int(body.sizeof()) for t, body in BODIES.items()}
