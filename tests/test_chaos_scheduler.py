@@ -219,7 +219,8 @@ async def scripted_exchange(seed: int) -> FaultLog:
     alone (and on mock time, which is the same in every run).
     """
     sched = ChaosScheduler(seed, rate=0.15, kinds=ALL_KINDS, corrupt_sides=("tx", "rx"))
-    messages = [bytes((7 * i + j) % 251 for j in range(40 + 53 * i)) for i in range(40)]
+    # Each message starts like a DATA frame ("D"), the only sends ``corrupt`` damages.
+    messages = [b"D" + bytes((7 * i + j) % 251 for j in range(40 + 53 * i)) for i in range(40)]
     i = 0
     while i < len(messages):
         a, b = memory_stream_pair(buffer=64)
@@ -230,8 +231,8 @@ async def scripted_exchange(seed: int) -> FaultLog:
                 with anyio.fail_after(10):  # gets a stalled connection going again
                     await tx.send(messages[i])
                     await receive_exactly(rx, len(messages[i]))
-                    await rx.send(b"ack %d" % i * 20)
-                    await receive_exactly(tx, len(b"ack %d" % i * 20))
+                    await rx.send(b"Dack %d" % i * 20)
+                    await receive_exactly(tx, len(b"Dack %d" % i * 20))
                 i += 1
         except (anyio.BrokenResourceError, anyio.EndOfStream, TimeoutError):
             pass
@@ -256,18 +257,18 @@ def test_a_scripted_exchange_gives_the_same_fault_log_every_run() -> None:
 GOLDEN_LOG = [
     "chaos tx conn 0 gen 0 recv 0: reset",
     "chaos rx conn 0 gen 1 recv 0: delay 87 ms",
-    "chaos rx conn 0 gen 1 send 0: short 22+61+17",
-    "chaos tx conn 0 gen 1 send 2: corrupt byte 106 of 146 bit 3",
-    "chaos rx conn 0 gen 1 send 3: short 70+4+26",
-    "chaos rx conn 0 gen 1 send 6: corrupt byte 98 of 100 bit 0",
+    "chaos rx conn 0 gen 1 send 0: short 27+73+20",
+    "chaos tx conn 0 gen 1 send 2: corrupt byte 106 of 147 bit 3",
+    "chaos rx conn 0 gen 1 send 3: short 84+5+31",
+    "chaos rx conn 0 gen 1 send 6: corrupt byte 118 of 120 bit 0",
     "chaos tx conn 0 gen 1 send 7: delay 178 ms",
     "chaos tx conn 0 gen 1 recv 15: delay 117 ms",
     "chaos rx conn 0 gen 1 recv 12: delay 164 ms",
-    "chaos rx conn 0 gen 1 send 15: corrupt byte 118 of 120 bit 3",
-    "chaos tx conn 0 gen 1 recv 19: short 111/120",
-    "chaos tx conn 0 gen 1 recv 20: short 4/9",
-    "chaos tx conn 0 gen 1 recv 22: short 105/120",
+    "chaos rx conn 0 gen 1 send 15: corrupt byte 138 of 140 bit 3",
+    "chaos tx conn 0 gen 1 recv 19: short 130/140",
+    "chaos tx conn 0 gen 1 recv 20: short 5/10",
+    "chaos tx conn 0 gen 1 recv 22: short 123/140",
     "chaos rx conn 0 gen 1 recv 18: stall",
-    "chaos tx conn 0 gen 2 send 2: corrupt byte 859 of 1100 bit 6",
+    "chaos tx conn 0 gen 2 send 2: corrupt byte 860 of 1101 bit 6",
     "chaos rx conn 0 gen 2 send 2: stall",
 ]

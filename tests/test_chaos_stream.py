@@ -29,6 +29,7 @@ from harness import ALL_KINDS, always, receive_exactly, run_mock
 from viamillipede.chaos import ChaosScheduler, ChaosStream, Direction, FaultKind, FaultLog
 from viamillipede.testing import MemoryByteStream, memory_stream_pair
 from viamillipede.transport import ReceiveInto
+from viamillipede.wire.frames import T_ACK, T_DATA
 
 
 class IntoStream(MemoryByteStream):
@@ -255,7 +256,7 @@ def test_corrupt_flips_one_bit_past_the_header_and_spares_the_callers_buffer() -
         sched = always(FaultKind.CORRUPT)
         a, b = memory_stream_pair()
         tx = sched.wrap(a, side="tx", conn=0)
-        payload = bytearray(os.urandom(4096))
+        payload = bytearray(bytes([T_DATA]) + os.urandom(4095))  # a DATA frame
         original = bytes(payload)
         await tx.send(memoryview(payload))
         got = await b.receive(len(payload))
@@ -269,6 +270,23 @@ def test_corrupt_flips_one_bit_past_the_header_and_spares_the_callers_buffer() -
         await tx.send(original[:64])
         assert await b.receive() == original[:64]
         assert len(sched.log) == 1
+
+    anyio.run(main)
+
+
+def test_corrupt_spares_sends_that_are_not_data_frames() -> None:
+    """Damage to a handshake or a tagged control frame is tampering (a refused session, a
+    dropped connection), not the payload damage a checksum or a seal catches and recovers from."""
+
+    async def main() -> None:
+        sched = always(FaultKind.CORRUPT)
+        a, b = memory_stream_pair()
+        tx = sched.wrap(a, side="tx", conn=0)
+        control = bytes([T_ACK]) + os.urandom(4095)
+        await tx.send(control)
+        assert await b.receive(len(control)) == control
+        (record,) = sched.log.records
+        assert record.detail == "skipped: not a DATA frame"
 
     anyio.run(main)
 

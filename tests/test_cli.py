@@ -11,9 +11,11 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
+import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -80,7 +82,8 @@ def test_rx_defaults() -> None:
     cfg = parse("rx 8834")
     assert cfg.threads == DEFAULT_THREADS
     assert cfg.chunk_size == DEFAULT_CHUNK_SIZE
-    assert cfg.checkphrase == DEFAULT_CHECKPHRASE
+    assert cfg.checkphrase == DEFAULT_CHECKPHRASE.encode()
+    assert cfg.plaintext is False and cfg.key is None
     assert cfg.checksum is False
     assert cfg.chaos is None
     assert cfg.listen is None
@@ -95,7 +98,7 @@ def test_seed_tx_all_words() -> None:
         threads=8,
         checksum=True,
         chaos=1731,
-        checkphrase="wat!",
+        checkphrase=b"wat!",
         verbose=3,
     )
 
@@ -195,8 +198,8 @@ def test_help_word() -> None:
         ("rx 1 -v checksum", "verbose", 2),
         ("rx 1 --verbose 3", "verbose", 3),
         ("rx 1 --verbose=0", "verbose", 0),
-        ("tx h 1 --checkphrase wat!", "checkphrase", "wat!"),
-        ("tx h 1 --checkphrase=wat!", "checkphrase", "wat!"),
+        ("tx h 1 --checkphrase wat!", "checkphrase", b"wat!"),
+        ("tx h 1 --checkphrase=wat!", "checkphrase", b"wat!"),
         ("tx h 1 --chaos 1731", "chaos", 1731),
     ],
 )
@@ -279,8 +282,13 @@ USAGE_ERRORS = {
     "--tx= port abc": "--tx=h:abc",
     "--tx= no host": "--tx=:8834",
     "checkphrase 3 chars": "rx 1 checkphrase abc",
-    "checkphrase 5 chars": "rx 1 checkphrase abcde",
-    "checkphrase 4 chars 5 bytes": "rx 1 checkphrase abc\u00e9",
+    "checkphrase 257 bytes": "rx 1 checkphrase " + "x" * 257,
+    "checkphrase file missing": "rx 1 --checkphrase-file /nonexistent/phrase",
+    "key file missing": "tx h 1 key /nonexistent/key",
+    "key file not a key": "tx h 1 --key-file /etc/hostname",
+    "keygen without file": "keygen",
+    "plaintext=yes": "rx 1 --plaintext=yes",
+    "corrupt in clear unchecked": "tx h 1 plaintext chaos 1 --chaos-faults corrupt",
     "rx and tx": "rx 8834 tx h 1",
     "tx and rx": "tx h 1 rx 8834",
     "rx twice": "rx 1 rx 2",
@@ -322,14 +330,16 @@ def test_usage_error(argv: str, capsys: pytest.CaptureFixture[str]) -> None:
         ("tx h 1 threads 65", ["threads", "65"]),
         ("rx 65536", ["65536"]),
         ("tx h abc", ["abc"]),
-        ("rx 1 checkphrase abcde", ["checkphrase"]),
+        ("rx 1 checkphrase abc", ["checkphrase", "4 to 256 bytes"]),
         ("rx 8834 tx h 1", ["rx", "tx"]),
         ("tx h 1 --listen 127.0.0.1", ["--listen"]),
         ("tx HOST", ["PORT"]),
         ("rx 1 limit fast", ["limit", "fast", "50M"]),
         ("rx 1 limit 999", ["limit", "1000"]),
         ("rx 1 retry-resolve", ["retry-resolve", "tx"]),
-        ("rx 1 checkphrase", ["checkphrase", "4 bytes"]),
+        ("rx 1 checkphrase", ["checkphrase", "4 to 256 bytes"]),
+        ("tx h 1 key /etc/hostname", ["/etc/hostname", "not a key", "keygen"]),
+        ("rx 1 --checkphrase-file /nonexistent/p", ["--checkphrase-file", "/nonexistent/p"]),
         ("tx h 1 --chunk-size 12Q", ["--chunk-size", "12Q", "2MiB"]),
     ],
 )
@@ -352,6 +362,91 @@ def test_usage_error_in_a_real_process() -> None:
     assert proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# -- credentials: phrase, phrase file, environment, key file, keygen, plaintext -------------------
+
+
+@pytest.mark.parametrize(
+    ("phrase", "encoded"),
+    [("wat!", b"wat!"), ("abc\u00e9", "abc\u00e9".encode()), ("p" * 256, b"p" * 256)],
+    ids=["4 bytes", "4 characters 5 bytes", "256 bytes"],
+)
+def test_a_checkphrase_is_4_to_256_bytes_of_utf8(phrase: str, encoded: bytes) -> None:
+    assert parse(["rx", "1", "checkphrase", phrase]).checkphrase == encoded
+
+
+def test_the_checkphrase_file_gives_its_first_line(tmp_path: Path) -> None:
+    (tmp_path / "p").write_bytes(b"a secret phrase\r\nsecond line\n")
+    assert parse(f"rx 1 --checkphrase-file {tmp_path / 'p'}").checkphrase == b"a secret phrase"
+
+
+def test_a_checkphrase_file_with_a_short_phrase_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "p").write_bytes(b"abc\n")
+    code, _, err, fake = run_main(["rx", "1", "--checkphrase-file", str(tmp_path / "p")], capsys)
+    assert code == ExitCode.USAGE and fake.configs == []
+    assert "--checkphrase-file" in err and "4 to 256 bytes" in err
+
+
+def test_the_environment_gives_the_phrase_unless_one_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(cli.CHECKPHRASE_ENV, "from the environment")
+    assert parse("rx 1").checkphrase == b"from the environment"
+    assert parse("rx 1 checkphrase wat!").checkphrase == b"wat!"
+    monkeypatch.setenv(cli.CHECKPHRASE_ENV, "abc")
+    with pytest.raises(cli.UsageError, match=cli.CHECKPHRASE_ENV):
+        parse("rx 1")
+
+
+def test_keygen_writes_a_private_key_the_key_word_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "k"
+    assert cli.main(["keygen", str(path)]) == 0
+    assert capsys.readouterr().out == ""
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    key = parse(["tx", "h", "1", "key", str(path)]).key
+    assert key is not None and len(key) == 32 and path.read_text() == key.hex() + "\n"
+    assert parse(["rx", "1", "--key-file", str(path)]).key == key
+    # another keygen gives another key, and never overwrites one
+    assert cli.main(["keygen", str(tmp_path / "k2")]) == 0
+    assert (tmp_path / "k2").read_text() != path.read_text()
+    assert cli.main(["keygen", str(path)]) == ExitCode.LOCAL_IO
+    assert str(path) in capsys.readouterr().err
+    assert parse(["rx", "1", "key", str(path)]).key == key
+
+
+def test_a_key_file_and_a_checkphrase_are_one_too_many(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "k").write_bytes(bytes(32))
+    code, _, err, fake = run_main(["rx", "1", "checkphrase", "abcd", "key", str(tmp_path / "k")],
+                                  capsys)
+    assert code == ExitCode.USAGE and fake.configs == []
+    assert err == "viamillipede: give a key file or a checkphrase, not both\n"
+
+
+def test_a_key_file_of_32_raw_bytes_is_a_key(tmp_path: Path) -> None:
+    (tmp_path / "k").write_bytes(bytes(range(32)))
+    assert parse(["rx", "1", "key", str(tmp_path / "k")]).key == bytes(range(32))
+
+
+@pytest.mark.parametrize("argv", ["rx 1 plaintext", "rx 1 --plaintext", "tx h 1 plaintext"])
+def test_plaintext_is_a_word_and_a_flag(argv: str) -> None:
+    assert parse(argv).plaintext is True
+
+
+def test_chaos_corrupts_sealed_sessions_by_default_but_not_unchecked_plaintext() -> None:
+    log = logging.getLogger("test")
+    sealed = cli._chaos(parse("tx h 1 chaos 3"), log)
+    clear = cli._chaos(parse("tx h 1 plaintext chaos 3"), log)
+    checked = cli._chaos(parse("tx h 1 plaintext checksum chaos 3"), log)
+    assert sealed is not None and clear is not None and checked is not None
+    assert "corrupt" in sealed.kinds and "corrupt" in checked.kinds
+    assert "corrupt" not in clear.kinds
 
 
 # -- help and version ------------------------------------------------------------------------
@@ -566,7 +661,8 @@ def test_help_states_the_unit_convention() -> None:
 
 def test_help_teaches_the_new_words() -> None:
     for text in ("limit RATE", "--limit RATE", "retry-resolve", "--retry-resolve",
-                 "-v N", "-vv", "4 bytes both ends"):
+                 "-v N", "-vv", "4-256 bytes both ends",
+                 "--checkphrase-file", "key FILE", "keygen FILE", "plaintext", "is public"):
         assert text in cli.HELP, text
     assert "4 characters both ends" not in cli.HELP
 

@@ -32,6 +32,7 @@ from viamillipede.streams import (
 )
 from viamillipede.testing import MemoryByteStream, PassThrough, memory_stream_pair
 from viamillipede.transport import FdSink, SocketStream, connect, listen
+from viamillipede.wire.frames import T_DATA
 
 #: What a stream may offer on top of the ByteStream contract.
 STREAM_CAPABILITIES: tuple[type, ...] = (
@@ -42,7 +43,8 @@ STREAM_CAPABILITIES: tuple[type, ...] = (
     SpliceTo,
 )
 
-HEADER = bytes(range(100, 124))  # 24 bytes, like a DATA header
+#: 24 bytes, like a DATA header (its type byte first: the chaos wrapper corrupts only DATA sends)
+HEADER = bytes([T_DATA, *range(101, 124)])
 WINDOW = 10.0  # seconds any single test may take before it counts as hung
 
 

@@ -30,7 +30,8 @@ Fault kinds, and why each exists:
   kind: a ``send_file`` as several ``send_file`` calls); a receive asks the inner stream for
   fewer bytes than its caller did.  Where the caller was promised every byte it asked for
   (``receive_exactly_into``, ``splice_to``), the rest follows in a second inner call.
-* ``corrupt`` -- a single flipped bit in a send, to prove a checksum catches it.  Opt-in,
+* ``corrupt`` -- a single flipped bit in a send that starts with a DATA frame, to prove a
+  checksum or a seal catches it and the chunk comes again.  Opt-in,
   because without a checksum it silently damages the stream.  It never touches the first
   ``corrupt_skip`` (64) bytes of a send: that is where a framed protocol keeps its header, and
   a flipped header tests the decoder, not the checksum.  By default it only hits the ``tx``
@@ -80,6 +81,7 @@ from .streams import (
     SpliceTo,
 )
 from .transport import read_at
+from .wire.frames import T_DATA as _DATA_TYPE
 
 __all__ = [
     "DEFAULT_KINDS",
@@ -518,12 +520,19 @@ class ChaosStream(anyio.abc.ByteStream):
             skip = self.scheduler.corrupt_skip
             offset = skip + min(int(fault.u[0] * (size - skip)), size - skip - 1)
             bit = min(int(fault.u[1] * 8), 7)
-            self._record("send", op, fault.kind, f"byte {offset} of {size} bit {bit}")
             inner = self.inner
 
             async def send_damaged() -> None:
                 # A copy: the caller may send the very same buffer again on another connection.
                 damaged = await copy()
+                if damaged[0] != _DATA_TYPE:
+                    # A handshake or a tagged control frame: damage there is tampering by
+                    # design (wrong keys, a dropped connection), not what a checksum or a seal
+                    # is to catch and recover from.
+                    self._record("send", op, fault.kind, "skipped: not a DATA frame")
+                    await inner.send(bytes(damaged))
+                    return
+                self._record("send", op, fault.kind, f"byte {offset} of {size} bit {bit}")
                 damaged[offset] ^= 1 << bit
                 await inner.send(bytes(damaged))
 

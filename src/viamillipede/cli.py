@@ -43,6 +43,9 @@ from .options import (
 
 PROG = "viamillipede"
 
+#: Where a checkphrase may come from without showing in ``ps``.
+CHECKPHRASE_ENV = "VIAMILLIPEDE_CHECKPHRASE"
+
 HELP = f"""\
 usage: {PROG} rx PORT [options]
        {PROG} tx HOST PORT [tx HOST PORT ...] [options]
@@ -57,9 +60,12 @@ Examples:
   {PROG} rx 8834 | zfs recv tank/fs
   # on the sending host, over two links in preference order, 8 connections:
   zfs send pool/fs@snap | {PROG} tx backup1 8834 tx backup1-10g 8834 threads 8
-  # verify every chunk with a checksum and use a private checkphrase:
-  tar cf - dir | {PROG} tx host 8834 checksum checkphrase wat!
-  {PROG} rx 8834 checksum checkphrase wat! > dir.tar
+  # a secret phrase (from a file, not the command line) also keeps out a man
+  # in the middle; sessions are always encrypted unless both ends say plaintext:
+  tar cf - dir | {PROG} tx host 8834 --checkphrase-file ~/.vmp-phrase
+  {PROG} rx 8834 --checkphrase-file ~/.vmp-phrase > dir.tar
+  # a network you trust: zero-copy in clear, every chunk still checked (XXH3):
+  {PROG} rx 8834 plaintext checksum > dir.tar
   # at most 50 MB/s (50,000,000 bytes a second), evenly, without bursts:
   zfs send pool/fs@snap | {PROG} tx backup1 8834 limit 50M
   # a loopback smoke test:
@@ -74,9 +80,22 @@ Words (the original grammar, any order) and their --flag spellings:
   threads N           --threads N        parallel connections, 1-{MAX_THREADS}
                                          (default {DEFAULT_THREADS})
   checksum            --checksum         XXH3 on every chunk, checked before it is
-                                         written (the receiver follows the sender)
-  checkphrase XXXX    --checkphrase XXXX 4 bytes both ends must agree on, e.g. 4
-                                         ASCII characters (default "{DEFAULT_CHECKPHRASE}")
+                                         written (plaintext only: sealed chunks
+                                         carry a stronger tag already)
+  checkphrase PHRASE  --checkphrase P    4-256 bytes both ends share; the keys that
+                                         encrypt and authenticate the session are
+                                         agreed from it (SPAKE2: never sent, no
+                                         offline guessing). The default "{DEFAULT_CHECKPHRASE}"
+                                         is public: it keeps out eavesdroppers, not
+                                         a man in the middle; a secret phrase or a
+                                         key file keeps out both
+                      --checkphrase-file FILE  the phrase is FILE's first line;
+                                         or set ${CHECKPHRASE_ENV} (not in ps)
+  key FILE            --key-file FILE    use a key made by keygen instead of a phrase
+  keygen FILE                            write a new random key to FILE (mode 600)
+  plaintext           --plaintext        send the data in clear (zero-copy; for a
+                                         network you trust); both ends must say it,
+                                         the handshake stays authenticated
   timeout SECONDS     --timeout SECONDS  give up after this long without progress
                                          (default {DEFAULT_TIMEOUT:g})
   limit RATE          --limit RATE       at most RATE bytes a second for the whole
@@ -89,7 +108,8 @@ Words (the original grammar, any order) and their --flag spellings:
                                          (default), 2 connection events, 3 debug;
                                          -v alone adds one level, -vv two
   chaos SEED          --chaos SEED       inject seeded faults (resets, stalls, delays,
-                                         fragmentation; corruption with checksum):
+                                         fragmentation; corruption unless plaintext
+                                         without checksum):
                                          the same seed breaks the same operations
                       --chaos-rate P     chance of a fault per operation (0.02)
                       --chaos-faults L   e.g. reset,delay (of reset stall delay
@@ -120,7 +140,7 @@ Signals:
 Exit status:
   0 success: every byte written and confirmed     5 stream ended early / totals differ
   2 bad command line, or an unknown host name     6 local input or output failed
-  3 peer rejected (checkphrase, session, version) 7 the peer aborted (e.g. its output failed)
+  3 peer rejected (phrase/key, plaintext, session) 7 the peer aborted (e.g. its output failed)
   4 no progress within the timeout                8 protocol violation
   1 cannot listen (port in use), or other       130 interrupted (Ctrl-C, SIGTERM)
 """
@@ -161,10 +181,6 @@ def _int(word: str, value: str, low: int, high: int) -> int:
     if not low <= n <= high:
         raise UsageError(f"{word} must be between {low} and {high}, got {n}")
     return n
-
-
-#: Where a checkphrase may come from without showing in ``ps``.
-CHECKPHRASE_ENV = "VIAMILLIPEDE_CHECKPHRASE"
 
 
 def _checkphrase(phrase: bytes, where: str) -> bytes:
@@ -434,8 +450,9 @@ def parse(argv: Sequence[str]) -> Config | str:
         _fit_chunks_to_limit(cfg, chunk_given)
     if cfg.chaos is None and (cfg.chaos_rate is not None or cfg.chaos_faults is not None):
         raise UsageError("--chaos-rate and --chaos-faults need chaos SEED")
-    if cfg.chaos_faults and "corrupt" in cfg.chaos_faults and not cfg.checksum:
-        raise UsageError("chaos fault 'corrupt' needs checksum, or the output will be damaged")
+    if cfg.chaos_faults and "corrupt" in cfg.chaos_faults and cfg.plaintext and not cfg.checksum:
+        raise UsageError("chaos fault 'corrupt' in plaintext needs checksum, or the output will "
+                         "be damaged")
     return cfg
 
 
@@ -633,14 +650,14 @@ def _chaos(cfg: Config, log: logging.Logger) -> ChaosScheduler | None:
 
     By default it injects everything the session can survive on its own: resets, delays,
     fragmentation and silent stalls (the stall detector handles those), plus corrupted payload
-    bytes when checksums are on to catch them.
+    bytes when something catches them: the AEAD tag of a sealed session, or plaintext checksums.
     """
     if cfg.chaos is None:
         return None
     from .chaos import DEFAULT_RATE, ChaosScheduler
 
     faults = cfg.chaos_faults or ("reset", "stall", "delay", "short") + (
-        ("corrupt",) if cfg.checksum else ()
+        ("corrupt",) if cfg.checksum or not cfg.plaintext else ()
     )
     rate = DEFAULT_RATE if cfg.chaos_rate is None else cfg.chaos_rate
     log.warning("chaos: seed %d, rate %g, faults %s", cfg.chaos, rate, ",".join(faults))
