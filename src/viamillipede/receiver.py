@@ -72,7 +72,7 @@ from .wire import (
     encode_ack,
     pack_data_header,
 )
-from .wire.secure import SEAL_OVERHEAD, ChunkSealer, Tagger, password
+from .wire.secure import INLINE_SEAL_BYTES, SEAL_OVERHEAD, ChunkSealer, Tagger, password
 
 log = logging.getLogger("viamillipede.rx")
 
@@ -591,6 +591,7 @@ class _Connections:
         except AuthFailed as exc:
             raise RemoteProtocolError(str(exc)) from None
         await conn.stream.send(encode(attempt.auth))
+        proof: object = None  # stays None when the peer goes quiet or hangs up
         with anyio.move_on_after(HANDSHAKE_TIMEOUT):
             proof = await reader.next_event()
         try:
@@ -605,7 +606,7 @@ class _Connections:
                 await self._refuse(conn, Admission(
                     Welcome(int(WelcomeStatus.BAD_CHECKPHRASE), bytes(16), 0),
                     WELCOME_MEANING[WelcomeStatus.BAD_CHECKPHRASE]))
-            else:
+            elif proof is not None:  # a join that hangs up before its proof is not forgery
                 rx.tampered(f"connection from {conn.name} failed to prove it joins the session")
             return None
         unbound = core.params is None
@@ -740,9 +741,13 @@ class _Connections:
         assert sealer is not None
         head = bytearray(DATA_HEADER_SIZE)
         pack_data_header(head, header.seq, header.length, header.checksum)
+        plain = view[: header.length - SEAL_OVERHEAD]
         try:
-            await anyio.to_thread.run_sync(sealer.open_into, header.seq, bytes(head), view,
-                                           view[: header.length - SEAL_OVERHEAD])
+            if header.length <= INLINE_SEAL_BYTES:
+                sealer.open_into(header.seq, bytes(head), view, plain)
+            else:
+                await anyio.to_thread.run_sync(sealer.open_into, header.seq, bytes(head), view,
+                                               plain)
         except AuthFailed:
             self.rx.tampered(f"chunk {header.seq} from {conn.name} failed to verify; dropped "
                              "with its connection, it will be sent again")

@@ -139,6 +139,8 @@ class ReceiverCore(Generic[T]):
             return self._refuse(WelcomeStatus.WRONG_SESSION)
         if self.state is RxState.FAILED:
             return self._refuse(WelcomeStatus.SESSION_FAILED)
+        if self.state is RxState.SUCCEEDED and kind == AuthKind.JOIN:
+            return None  # its transmitter, back for the BYE_OK it lost: parameters moot
         if not self._acceptable(hello):
             return self._refuse(WelcomeStatus.BAD_PARAMETERS)
         if kind == AuthKind.PAKE:

@@ -19,7 +19,7 @@ import anyio.abc
 from .framing import BufferPool
 from .streams import SendFile, SendPages
 from .wire import DATA_HEADER_SIZE, pack_data_header
-from .wire.secure import SEAL_OVERHEAD, ChunkSealer
+from .wire.secure import INLINE_SEAL_BYTES, SEAL_OVERHEAD, ChunkSealer
 
 #: How long a partly filled chunk waits for more input before it is sent as it is.
 FLUSH_AFTER = 0.2
@@ -164,6 +164,9 @@ class ChunkReader:
         pack_data_header(view, seq, n + SEAL_OVERHEAD, 0)
         header = bytes(view[:DATA_HEADER_SIZE])
         payload = view[DATA_HEADER_SIZE : DATA_HEADER_SIZE + n + SEAL_OVERHEAD]
+        if n <= INLINE_SEAL_BYTES:
+            sealer.seal_into(seq, header, payload[:n], payload)
+            return
         # Not abandoned on cancel: the thread writes into a pooled buffer.
         await anyio.to_thread.run_sync(sealer.seal_into, seq, header, payload[:n], payload)
 

@@ -63,6 +63,10 @@ MAC_SIZE = 32  # handshake proofs: full HMAC-SHA256
 TAG_SIZE = 16  # control-frame tags
 KEY_SIZE = 32  # a key file holds this many random bytes
 SEAL_OVERHEAD = 16  # the AES-GCM tag after each sealed chunk
+# Below this, a chunk is sealed or opened on the event loop: AES-GCM does 256 KiB in ~20 us
+# here, a hop to a worker thread and back costs ~150 us.  Larger chunks go to threads so that
+# several seal at once with the GIL released (the sidechain).
+INLINE_SEAL_BYTES = 256 * 1024
 
 #: Sequence space sealed under one key, in plaintext bytes.  TLS 1.3 allows about 2^38.5 bytes
 #: per AES-GCM key (2^24.5 records of 16 KiB) for a safe margin; we roll over 6x sooner.
