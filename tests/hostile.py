@@ -25,24 +25,30 @@ import anyio.abc
 
 from viamillipede import BufferSink, Receiver, TransferStats
 from viamillipede.api import serve_tcp
+from viamillipede.keying import AuthFailed, TxKeying, rx_attempt
 from viamillipede.wire import (
     DATA_HEADER_SIZE,
     NEED_DATA,
     Ack,
+    Auth,
+    AuthKind,
     Bye,
     ByeOk,
     ConnectionClosed,
     Data,
     Decoder,
+    Error,
     Event,
     Fin,
     Hello,
+    Mode,
     ProtocolError,
     Welcome,
     WelcomeStatus,
     encode,
     pack_data_header,
 )
+from viamillipede.wire.secure import SessionKeys, Tagger, password
 
 T = TypeVar("T")
 
@@ -66,7 +72,7 @@ STREAM_ERRORS = (
 def make_hello(**fields: Any) -> Hello:
     """A HELLO; every field not given is that of a plausible transmitter of a fresh session."""
     values: dict[str, Any] = {
-        "checkphrase": CHECKPHRASE,
+        "mode": Mode.PLAINTEXT,  # crafted peers send plain DATA; see start_receiver
         "session_id": os.urandom(16),
         "conn_index": 0,
         "chunk_size": 4096,
@@ -107,6 +113,7 @@ class Peer:
         self.decoder = decoder
         self.closed = False
         self.broken = ""
+        self.tagger: Tagger | None = None  # set by the handshake: control frames are tagged
 
     @classmethod
     async def connect(cls, port: int, *, decoder: Decoder | None = None,
@@ -124,9 +131,17 @@ class Peer:
                 await anyio.sleep(0.01)  # polling for the listener, with a deadline
         return cls(stream, decoder or Decoder.for_transmitter())
 
+    def encode(self, frame: Event | bytes) -> bytes:
+        """A frame's bytes: control frames tagged once the handshake is done; raw bytes as
+        they are."""
+        if isinstance(frame, bytes):
+            return frame
+        tagged = isinstance(frame, (Welcome, Ack, Bye, ByeOk, Fin, Error))
+        return encode(frame, self.tagger if tagged else None)
+
     async def send(self, *frames: Event | bytes) -> None:
         """Send events (encoded) and raw bytes, in order, in one write."""
-        await self.stream.send(b"".join(f if isinstance(f, bytes) else encode(f) for f in frames))
+        await self.stream.send(b"".join(self.encode(f) for f in frames))
 
     async def try_send(self, *frames: Event | bytes) -> bool:
         """:meth:`send`, but a connection the other end already dropped is not an error."""
@@ -178,10 +193,33 @@ class Peer:
             await self.stream.aclose()
 
 
-async def hello(peer: Peer, **fields: Any) -> Welcome:
-    """Send a HELLO (see :func:`make_hello` for the defaults) and return the WELCOME."""
-    await peer.send(make_hello(**fields))
+#: The crafted transmitters' keys, by session id and phrase: a session's first handshake
+#: exchanges keys, every later one joins with them, as a real transmitter does.
+_KEYINGS: dict[tuple[bytes, bytes], TxKeying] = {}
+
+
+async def hello(peer: Peer, *, phrase: bytes = CHECKPHRASE, **fields: Any) -> Welcome:
+    """Say HELLO (see :func:`make_hello` for the defaults) and run the handshake with
+    ``phrase``; return the WELCOME (a refusal, or the tagged answer to a proven handshake)."""
+    h = make_hello(**fields)
+    keying = _KEYINGS.setdefault((h.session_id, phrase), TxKeying(password(phrase), h.session_id))
+    frame = encode(h)
+    attempt = keying.start(frame)
+    await peer.send(frame, attempt.auth)
     event = await peer.next_event()
+    if isinstance(event, Auth):
+        try:
+            proof = attempt.answer(event)
+        except AuthFailed:
+            proof = Auth(attempt.auth.kind)  # a guess that failed: prove nothing
+        else:
+            channel = attempt.channel()
+            peer.decoder.checker = channel.checker
+            peer.tagger = channel.tagger
+        await peer.send(proof)
+        event = await peer.next_event()
+        if isinstance(event, Welcome) and event.status == WelcomeStatus.ACCEPTED:
+            attempt.welcomed()
     if not isinstance(event, Welcome):
         raise NoWelcome(f"expected WELCOME, got {event!r} {peer.broken}".rstrip())
     return event
@@ -322,6 +360,9 @@ async def start_receiver(tg: anyio.abc.TaskGroup, *, sink: BufferSink | None = N
     """Run a real :class:`Receiver` (``options`` go to its constructor) through ``serve_tcp``
     on 127.0.0.1, on a port the system picks; whatever ``serve`` ends with is captured."""
     sink = sink if sink is not None else BufferSink()
+    # Crafted peers send DATA in clear: the session logic is what these tests attack; the
+    # sealing is attacked in test_mitm.
+    options.setdefault("plaintext", True)
     receiver = Receiver(sink, **options)
     outcome: Outcome[TransferStats] = Outcome()
 
@@ -375,6 +416,7 @@ class FakeReceiver:
         self.behave = behave
         self.hellos: list[Hello] = []
         self.port = 0
+        self._keys: dict[bytes, SessionKeys] = {}
 
     async def start(self, tg: anyio.abc.TaskGroup) -> int:
         listener = await anyio.create_tcp_listener(local_host=HOST, local_port=0)
@@ -391,12 +433,25 @@ class FakeReceiver:
         peer = Peer(stream, Decoder.for_receiver())
         try:
             event = await peer.next_event()
-            if not isinstance(event, Hello):
+            auth = await peer.next_event()
+            if not isinstance(event, Hello) or not isinstance(auth, Auth):
                 return
             self.hellos.append(event)
-            await peer.send(Welcome(WelcomeStatus.ACCEPTED, event.session_id, 0))
+            sid = event.session_id
+            keys = self._keys.get(sid) if auth.kind == AuthKind.JOIN else None
+            attempt = rx_attempt(encode(event), auth, keys=keys, password=password(CHECKPHRASE),
+                                 session_id=sid)
+            await peer.send(attempt.auth)
+            proof = await peer.next_event()
+            if not isinstance(proof, Auth):
+                return
+            channel = attempt.check(proof)
+            self._keys[sid] = attempt.keys
+            peer.decoder.checker = channel.checker
+            peer.tagger = channel.tagger
+            await peer.send(Welcome(WelcomeStatus.ACCEPTED, sid, 0))
             await self.behave(peer, event)
-        except (ProtocolError, *STREAM_ERRORS):
+        except (ProtocolError, AuthFailed, *STREAM_ERRORS):
             pass
         finally:
             await peer.aclose()

@@ -26,9 +26,9 @@ process's memory) run on Trio only; what they check does not depend on the backe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import re
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -63,10 +63,12 @@ from hostile import (
 from procs import Procs, free_port, procs_fixture  # noqa: F401  (the ``procs`` fixture)
 from viamillipede import BytesSource, Receiver, TransferStats
 from viamillipede.api import send, tcp_transmitter
-from viamillipede.errors import PeerTimeout, ProtocolViolation, ViamillipedeError
+from viamillipede.errors import PeerRejected, PeerTimeout, ProtocolViolation, ViamillipedeError
 from viamillipede.wire import (
     PROTOCOL_VERSION,
     Ack,
+    Auth,
+    AuthKind,
     Bye,
     ByeOk,
     Error,
@@ -115,7 +117,8 @@ async def during_live_session(
         async with anyio.create_task_group() as tg:
             served = await start_receiver(tg)
             source = GatedSource(data, HELD_CHUNKS * CHUNK)
-            tx = tcp_transmitter(source, [(HOST, served.port)], threads=2, chunk_size=CHUNK)
+            tx = tcp_transmitter(source, [(HOST, served.port)], threads=2, chunk_size=CHUNK,
+                                 plaintext=True)
             tg.start_soon(tx_outcome.capture, tx.run)
             await poll_until(
                 lambda: len(served.sink.data) >= HELD_CHUNKS * CHUNK
@@ -152,7 +155,9 @@ def session_problems(served: ServedReceiver, tx: Outcome[TransferStats], data: b
 
 PROBES: dict[str, tuple[dict[str, Any], WelcomeStatus]] = {
     "unknown-version": ({"version": PROTOCOL_VERSION + 1}, WelcomeStatus.BAD_VERSION),
-    "wrong-checkphrase": ({"checkphrase": b"nope"}, WelcomeStatus.BAD_CHECKPHRASE),
+    # A key exchange is offered only before a session's first DATA: a live session refuses
+    # any other session id before anything is computed, whatever the phrase.
+    "wrong-checkphrase": ({"phrase": b"nope"}, WelcomeStatus.WRONG_SESSION),
     "wrong-session": ({}, WelcomeStatus.WRONG_SESSION),  # right checkphrase, fresh session id
 }
 
@@ -183,6 +188,8 @@ async def test_a_refused_hello_leaks_nothing_of_a_live_session(probe: str) -> No
 
 # -- a stranger cannot join --------------------------------------------------------------------
 
+SNIFFED = "the real id, sniffed"
+
 INJECTIONS: dict[str, bytes] = {
     # The next chunk the receiver waits for, as long as the real one: a silent corruption.
     "data": data_frame(HELD_CHUNKS, b"!" * CHUNK),
@@ -195,8 +202,9 @@ INJECTIONS: dict[str, bytes] = {
 @pytest.mark.parametrize("inject", list(INJECTIONS))
 async def test_a_stranger_cannot_join_a_live_session(inject: str) -> None:
     """The stranger first asks with a made-up session id and learns what the refusal says;
-    then it tries that id, the all-zero id and another random one, with the right checkphrase
-    and the session's parameters, sending its frame right behind each HELLO."""
+    then it tries that id, the all-zero id, another random one, and the real one (as if it had
+    read it off the wire), with the session's parameters, asking to join and sending its frame
+    right behind the HELLO and AUTH, without waiting to be challenged."""
     data = live_payload()
     tries: list[tuple[str, Welcome | None, list[Event], bool]] = []
 
@@ -207,8 +215,10 @@ async def test_a_stranger_cannot_join_a_live_session(inject: str) -> None:
             told = await hello(scout, **params)
         finally:
             await scout.aclose()
+        assert served.receiver.session_id is not None
         candidates = {"the id a refusal told": told.session_id, "the zero id": NO_SESSION,
-                      "a random id": os.urandom(16)}
+                      "a random id": os.urandom(16),
+                      SNIFFED: served.receiver.session_id}
         for name, session_id in candidates.items():
             try:
                 peer = await Peer.connect(served.port, deadline=0)
@@ -217,10 +227,12 @@ async def test_a_stranger_cannot_join_a_live_session(inject: str) -> None:
                 continue
             try:
                 await peer.try_send(make_hello(session_id=session_id, conn_index=7, **params),
-                                    INJECTIONS[inject])
+                                    Auth(AuthKind.JOIN, os.urandom(32)), INJECTIONS[inject])
                 event = await peer.next_event()
                 welcome = event if isinstance(event, Welcome) else None
                 events, closed = await peer.events_until_closed(5)
+                if welcome is None:
+                    events = [event, *events]
                 tries.append((name, welcome, events, closed))
             finally:
                 await peer.aclose()
@@ -230,6 +242,13 @@ async def test_a_stranger_cannot_join_a_live_session(inject: str) -> None:
 
     problems = []
     for name, welcome, events, closed in tries:
+        if name == SNIFFED:
+            # Challenged with a fresh nonce, it cannot prove it holds the session's keys: the
+            # receiver drops it without a WELCOME (and counts it as tampering).
+            if welcome is not None or not events or not isinstance(events[0], Auth):
+                problems.append(f"a join with the sniffed id got {welcome!r}, {events}")
+            welcome = Welcome(int(WelcomeStatus.WRONG_SESSION), NO_SESSION, 0)
+            events = events[1:]
         if welcome is None and served.outcome.done.is_set():
             problems.append(f"a stranger's HELLO with {name} found no receiver any more")
         elif welcome is None or welcome.status != WelcomeStatus.WRONG_SESSION:
@@ -257,13 +276,13 @@ async def test_a_wrong_checkphrase_before_the_transmitter_does_not_bind_the_rece
             served = await start_receiver(tg)
             squatter = await Peer.connect(served.port)
             try:
-                welcome = await hello(squatter, checkphrase=b"nope", chunk_size=2 * CHUNK,
+                welcome = await hello(squatter, phrase=b"nope", chunk_size=2 * CHUNK,
                                       window=5, features=int(Feature.CHECKSUM_CRC32))
                 _, closed = await squatter.events_until_closed(5)
             finally:
                 await squatter.aclose()
             await tx.capture(lambda: send(BytesSource(data), [(HOST, served.port)], threads=2,
-                                          chunk_size=CHUNK))
+                                          chunk_size=CHUNK, plaintext=True))
             await served.outcome.wait(20)
             tg.cancel_scope.cancel()
 
@@ -490,7 +509,7 @@ async def test_chunks_announced_but_never_sent_hold_memory_to_the_window(procs: 
     (window + 4) chunk buffers; 8 MiB more are allowed for the interpreter's own growth
     (connections, tasks).  Without a bound it grows by one buffer per connection."""
     port = free_port()
-    rx = procs.rx(port)
+    rx = procs.rx(port, "plaintext")
     session = os.urandom(16)
     peers: list[Peer] = []
     limit_kib = (BIG_WINDOW + 4 + 8) * 1024
@@ -674,7 +693,7 @@ async def test_a_flood_of_empty_acks_is_no_progress() -> None:
     async def behave(peer: Peer, opening: Hello) -> None:
         if await next_data(peer) is None:
             return
-        batch = encode(Ack(0, 0)) * 1000
+        batch = b"".join(peer.encode(Ack(0, 0)) for _ in range(1000))
         async with anyio.create_task_group() as tg:
             tg.start_soon(peer.drain)
             while await peer.try_send(batch):
@@ -687,25 +706,25 @@ async def test_a_flood_of_empty_acks_is_no_progress() -> None:
 
 # -- checkphrase guessing ----------------------------------------------------------------------
 
-GUESSES = 30
+GUESSES = 8
 
 
 @trio_only
-async def test_checkphrase_guesses_are_slowed_and_logged_in_aggregate(
+async def test_checkphrase_guesses_are_slowed_and_end_the_receiver_after_five(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Each key exchange is one online guess at the phrase (SPAKE2 gives no offline test):
+    after a burst of 3 they are answered at about 2 a second however many connections ask,
+    and after 5 failures the receiver gives up (exit 3) rather than be guessed at forever."""
     caplog.set_level(logging.INFO, logger="viamillipede.rx")
-    answers: dict[int, tuple[float, Event]] = {}
-    first_answer = anyio.Event()
-    right: list[tuple[float, Welcome]] = []
+    answered: list[float] = []
 
     async def guess(i: int, t0: float) -> None:
         peer = await Peer.connect(port)
         try:
-            await peer.send(make_hello(checkphrase=f"g{i:03d}".encode()))
-            event = await peer.next_event()
-            answers[i] = (anyio.current_time() - t0, event)
-            first_answer.set()
+            with contextlib.suppress(NoWelcome):
+                await hello(peer, phrase=f"g{i:03d}".encode())
+            answered.append(anyio.current_time() - t0)
         finally:
             await peer.aclose()
 
@@ -714,42 +733,24 @@ async def test_checkphrase_guesses_are_slowed_and_logged_in_aggregate(
             served = await start_receiver(tg)
             port = served.port
             t0 = anyio.current_time()
-            with anyio.move_on_after(16):  # 2 a second after a burst: 30 take ~13 s
-                async with anyio.create_task_group() as storm:
-                    for i in range(GUESSES):
-                        storm.start_soon(guess, i, t0)
-                    await first_answer.wait()
-                    peer = await Peer.connect(port)
-                    try:
-                        t1 = anyio.current_time()
-                        welcome = await hello(peer, chunk_size=CHUNK)
-                        right.append((anyio.current_time() - t1, welcome))
-                    finally:
-                        await peer.aclose()
+            async with anyio.create_task_group() as storm:
+                for i in range(GUESSES):
+                    storm.start_soon(guess, i, t0)
+            assert await served.outcome.wait(10), "the receiver went on after the guesses"
             tg.cancel_scope.cancel()
 
     problems = []
-    early = sorted(t for t, e in answers.values() if isinstance(e, Welcome) and t < 1.0)
-    if len(early) > 6:
-        problems.append(f"{len(early)} of {GUESSES} wrong checkphrases were answered within "
-                        "1 s (at most 6 may be)")
-    leaky = [e for _, e in answers.values()
-             if isinstance(e, Welcome) and e != refused_without_leak(WelcomeStatus.BAD_CHECKPHRASE)]
-    if leaky:
-        problems.append(f"wrong checkphrases were answered {leaky[0]!r}")
-    if not right:
-        problems.append("the right checkphrase was not answered during the storm")
-    else:
-        latency, welcome = right[0]
-        if welcome.status != WelcomeStatus.ACCEPTED or latency >= 1.0:
-            problems.append(f"the right checkphrase was answered {welcome!r} "
-                            f"after {latency:.2f} s")
+    early = [t for t in answered if t < 0.9]
+    if len(early) > 5:
+        problems.append(f"{len(early)} of {GUESSES} guesses were answered within 0.9 s "
+                        "(a burst of 3, then 2 a second)")
+    if not isinstance(served.outcome.error, PeerRejected) or "5 key exchanges failed" not in str(
+            served.outcome.error):
+        problems.append(f"the receiver {served.outcome.describe()}; it must give up after 5")
+    if served.sink.data:
+        problems.append("the receiver wrote something")
     warnings = [r for r in caplog.records if r.name.startswith("viamillipede.rx")
-                and r.levelno >= logging.WARNING
-                and re.search(r"check ?phrase", r.getMessage(), re.IGNORECASE)]
-    if not warnings:
-        problems.append(f"no warning about {GUESSES} wrong checkphrases")
-    elif len(warnings) > 3:
-        problems.append(f"{len(warnings)} warnings about wrong checkphrases for {GUESSES} "
-                        f"guesses (at most 3, counting them), e.g. {warnings[0].getMessage()!r}")
+                and r.levelno >= logging.WARNING and "key exchange" in r.getMessage()]
+    if not 1 <= len(warnings) <= 5:
+        problems.append(f"{len(warnings)} warnings about failed key exchanges (1 to 5)")
     assert not problems, "\n".join(problems)

@@ -30,6 +30,7 @@ from viamillipede.rxcore import (
     EXTRA_BUFFERS,
     MAX_CONNECTIONS,
     MAX_WINDOW,
+    Admission,
     AuthThrottle,
     Claim,
     ReceiverCore,
@@ -38,16 +39,18 @@ from viamillipede.rxcore import (
 from viamillipede.wire import (
     PROTOCOL_VERSION,
     WELCOME_MEANING,
+    AuthKind,
     Bye,
     ByeOk,
     Feature,
     Hello,
+    Mode,
     RemoteProtocolError,
     Welcome,
     WelcomeStatus,
 )
+from viamillipede.wire.secure import SessionKeys
 
-PHRASE = b"vmpd"
 SID = bytes(range(1, 17))
 OTHER_SID = b"\xee" * 16
 NO_SESSION = bytes(16)
@@ -60,20 +63,38 @@ U16, U32, U64 = 2**16 - 1, 2**32 - 1, 2**64 - 1
 
 def hello(**fields: Any) -> Hello:
     base: dict[str, Any] = {
-        "checkphrase": PHRASE, "session_id": SID, "conn_index": 0, "chunk_size": CHUNK,
+        "mode": int(Mode.PLAINTEXT), "session_id": SID, "conn_index": 0, "chunk_size": CHUNK,
         "window": WINDOW, "features": 0,
     }
     base.update(fields)
     return Hello(**base)
 
 
+#: What a proven handshake hands the core; the keys themselves are the keying tests' business.
+KEYS = SessionKeys.derive(bytes(32), SID, bytes(32), bytes(32))
+
+
+def admit_with(core: ReceiverCore[Any], h: Hello) -> Admission:
+    """A connection's whole admission, as the driver runs it when the handshake proves
+    itself: the core judges the HELLO (and the kind of handshake: a key exchange until the
+    session has keys, then a join); if it may authenticate, the WELCOME it then gets."""
+    kind = AuthKind.JOIN if core.keys is not None else AuthKind.PAKE
+    refusal = core.admit(h, kind)
+    if refusal is not None:
+        return refusal
+    welcome = core.authenticated(h, core.keys or KEYS)
+    reason = "" if welcome.status == WelcomeStatus.ACCEPTED else \
+        WELCOME_MEANING[WelcomeStatus(welcome.status)]
+    return Admission(welcome, reason)
+
+
 def new_core() -> ReceiverCore[str]:
-    return ReceiverCore(PHRASE, max_chunk_size=MAX_CHUNK, max_buffer=MAX_BUFFER)
+    return ReceiverCore(max_chunk_size=MAX_CHUNK, max_buffer=MAX_BUFFER, plaintext=True)
 
 
 def bound_core(**fields: Any) -> ReceiverCore[str]:
     core = new_core()
-    assert core.admit(hello(**fields)).accepted
+    assert admit_with(core, hello(**fields)).accepted
     return core
 
 
@@ -137,7 +158,7 @@ STATES = {
 
 def test_the_first_acceptable_hello_binds_the_session() -> None:
     core = new_core()
-    admission = core.admit(hello(conn_index=3, features=int(Feature.CHECKSUM_XXH3)))
+    admission = admit_with(core, hello(conn_index=3, features=int(Feature.CHECKSUM_XXH3)))
     assert admission.accepted and not admission.session_over and admission.reason == ""
     assert admission.welcome == Welcome(int(WelcomeStatus.ACCEPTED), SID, 0)
     assert core.state is RxState.RECEIVING
@@ -158,13 +179,13 @@ def test_the_first_acceptable_hello_binds_the_session() -> None:
     {"features": int(Feature.CHECKSUM_XXH3)},
 ])
 def test_parameters_at_the_bounds_are_accepted(fields: dict[str, int]) -> None:
-    assert new_core().admit(hello(**fields)).accepted
+    assert admit_with(new_core(), hello(**fields)).accepted
 
 
 @pytest.mark.parametrize(("fields", "status"), [
     ({"version": PROTOCOL_VERSION + 1}, WelcomeStatus.BAD_VERSION),
     ({"version": 0}, WelcomeStatus.BAD_VERSION),
-    ({"checkphrase": b"vmpD"}, WelcomeStatus.BAD_CHECKPHRASE),
+    ({"mode": 0}, WelcomeStatus.BAD_MODE),
     ({"conn_index": MAX_CONNECTIONS}, WelcomeStatus.BAD_PARAMETERS),
     ({"conn_index": U16}, WelcomeStatus.BAD_PARAMETERS),
     ({"conn_index": -1}, WelcomeStatus.BAD_PARAMETERS),
@@ -184,23 +205,23 @@ def test_parameters_at_the_bounds_are_accepted(fields: dict[str, int]) -> None:
 def test_a_refused_first_hello_binds_nothing(fields: dict[str, Any], status: WelcomeStatus,
                                              ) -> None:
     core = new_core()
-    admission = core.admit(hello(**fields))
+    admission = admit_with(core, hello(**fields))
     assert admission.welcome == Welcome(int(status), NO_SESSION, 0)
     assert not admission.accepted and not admission.session_over
     assert admission.reason == WELCOME_MEANING[status]
     assert core.state is RxState.LISTENING and core.params is None
-    assert core.admit(hello()).accepted  # the session is still free for its transmitter
+    assert admit_with(core, hello()).accepted  # the session is still free for its transmitter
 
 
-def test_the_version_is_judged_before_the_checkphrase() -> None:
-    """A stranger with an old client learns only that; nothing about the phrase."""
-    status = new_core().admit(hello(version=9, checkphrase=b"xxxx")).welcome.status
+def test_the_version_is_judged_before_the_mode() -> None:
+    """A stranger with an old client learns only that."""
+    status = admit_with(new_core(), hello(version=9, mode=0)).welcome.status
     assert status == WelcomeStatus.BAD_VERSION
 
 
 def test_later_hellos_must_announce_the_same_session() -> None:
     core = receiving_core()
-    assert core.admit(hello(conn_index=MAX_CONNECTIONS - 1)).welcome == Welcome(
+    assert admit_with(core, hello(conn_index=MAX_CONNECTIONS - 1)).welcome == Welcome(
         int(WelcomeStatus.ACCEPTED), SID, 2)  # tells a reconnecting transmitter what is written
     for fields, status in [
         ({"session_id": OTHER_SID}, WelcomeStatus.WRONG_SESSION),
@@ -210,7 +231,7 @@ def test_later_hellos_must_announce_the_same_session() -> None:
         ({"window": WINDOW - 1}, WelcomeStatus.BAD_PARAMETERS),
         ({"features": int(Feature.CHECKSUM_CRC32)}, WelcomeStatus.BAD_PARAMETERS),
     ]:
-        assert core.admit(hello(**fields)).welcome == Welcome(int(status), NO_SESSION, 0)
+        assert admit_with(core, hello(**fields)).welcome == Welcome(int(status), NO_SESSION, 0)
     assert core.params is not None and core.params.chunk_size == CHUNK
     assert core.params.window == WINDOW and core.params.features == 0
     assert core.state is RxState.RECEIVING
@@ -222,8 +243,8 @@ def refusals() -> list[Any]:
     for state in STATES:
         table: list[tuple[dict[str, Any], WelcomeStatus]] = [
             ({"version": PROTOCOL_VERSION + 1}, WelcomeStatus.BAD_VERSION),
-            ({"checkphrase": bytes(4)}, WelcomeStatus.BAD_CHECKPHRASE),
-            ({"checkphrase": b"vmpD", "session_id": OTHER_SID}, WelcomeStatus.BAD_CHECKPHRASE),
+            ({"mode": 0}, WelcomeStatus.BAD_MODE),
+            ({"mode": 0, "session_id": OTHER_SID}, WelcomeStatus.BAD_MODE),
         ]
         if state != "listening":
             table.append(({"session_id": OTHER_SID}, WelcomeStatus.WRONG_SESSION))
@@ -242,7 +263,7 @@ def test_a_refusal_tells_nothing(state: str, fields: dict[str, Any], status: Wel
                                  ) -> None:
     core = STATES[state]()
     before = (core.state, core.params, core.reorder.written, core.buffers, core.nbytes)
-    admission = core.admit(hello(**fields))
+    admission = admit_with(core, hello(**fields))
     assert admission.welcome == Welcome(int(status), NO_SESSION, 0)
     assert not admission.accepted and not admission.session_over
     assert admission.reason == WELCOME_MEANING[status]
@@ -254,10 +275,10 @@ def test_session_over_only_to_the_sessions_own_transmitter() -> None:
     # Its transmitter lost BYE_OK and comes back: told that all 3 chunks are written, even
     # with parameters no longer checked (the session is over).
     for fields in ({}, {"conn_index": 5}, {"conn_index": MAX_CONNECTIONS}):
-        admission = core.admit(hello(**fields))
+        admission = admit_with(core, hello(**fields))
         assert admission.session_over and not admission.accepted
         assert admission.welcome == Welcome(int(WelcomeStatus.SESSION_OVER), SID, 3)
-    assert core.admit(hello(session_id=OTHER_SID)).welcome == Welcome(
+    assert admit_with(core, hello(session_id=OTHER_SID)).welcome == Welcome(
         int(WelcomeStatus.WRONG_SESSION), NO_SESSION, 0)
     assert core.state is RxState.SUCCEEDED
 
@@ -671,7 +692,7 @@ class RxSession(RuleBasedStateMachine):
         """A new receiver, bound by the transmitter's HELLO, for ``data``."""
         self.peak = max(getattr(self, "peak", 0), self.core.peak_buffers if self.sessions else 0)
         self.core: ReceiverCore[tuple[int, bytes]] = ReceiverCore(
-            PHRASE, max_chunk_size=MAX_CHUNK, max_buffer=MAX_BUFFER)
+            max_chunk_size=MAX_CHUNK, max_buffer=MAX_BUFFER, plaintext=True)
         self.input = data
         self.chunks = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)]
         self.output = bytearray()
@@ -685,7 +706,7 @@ class RxSession(RuleBasedStateMachine):
         self.waiting = 0  # BYE handlers waiting for their answer
         self.successes = 0
         self.failed = False
-        admission = self.core.admit(hello(window=RX_WINDOW))
+        admission = admit_with(self.core, hello(window=RX_WINDOW))
         assert admission.welcome == Welcome(int(WelcomeStatus.ACCEPTED), SID, 0)
         assert self.core.state is RxState.RECEIVING
 
@@ -1081,7 +1102,7 @@ class RxSession(RuleBasedStateMachine):
     @rule(
         version=st.one_of(st.just(PROTOCOL_VERSION),
                           st.sampled_from([0, PROTOCOL_VERSION + 1, U16])),
-        phrase=st.one_of(st.just(PHRASE), st.sampled_from([b"vmpD", bytes(4)])),
+        mode=st.sampled_from([int(Mode.PLAINTEXT), 0]),
         sid=st.one_of(st.just(SID), st.sampled_from([OTHER_SID, NO_SESSION])),
         conn=st.one_of(st.sampled_from([0, MAX_CONNECTIONS - 1, MAX_CONNECTIONS, U16]),
                        st.integers(0, U16)),
@@ -1092,19 +1113,20 @@ class RxSession(RuleBasedStateMachine):
         features=st.one_of(st.just(0), st.sampled_from([1, 2, 3, 0x10, 0x100, 1 << 31]),
                            st.integers(0, U32)),
     )
-    def stranger_says_hello(self, version: int, phrase: bytes, sid: bytes, conn: int,
+    def stranger_says_hello(self, version: int, mode: int, sid: bytes, conn: int,
                             chunk_size: int, window: int, features: int) -> None:
         """Any HELLO, in any state (failed too): it changes nothing, and only the session's
         own transmitter learns the session id and progress."""
         core = self.core
         before = (core.state, core.params, core.reorder.written, core.buffers, core.nbytes)
-        admission = core.admit(Hello(phrase, sid, conn, chunk_size, window, features, version))
+        admission = admit_with(core, Hello(mode, sid, conn, chunk_size, window, features,
+                                           version))
         assert (core.state, core.params, core.reorder.written, core.buffers,
                 core.nbytes) == before, "a HELLO changed the session"
         if version != PROTOCOL_VERSION:
             status = WelcomeStatus.BAD_VERSION
-        elif phrase != PHRASE:
-            status = WelcomeStatus.BAD_CHECKPHRASE
+        elif not mode & Mode.PLAINTEXT:  # the core under test was started with plaintext
+            status = WelcomeStatus.BAD_MODE
         elif sid != SID:
             status = WelcomeStatus.WRONG_SESSION
         elif core.state is RxState.SUCCEEDED:

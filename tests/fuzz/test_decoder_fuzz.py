@@ -22,7 +22,7 @@ FUZZ = settings(max_examples=250, deadline=None)
 
 SMALL_PAYLOAD = 64
 
-HELLO = wire.encode(Hello(b"yoes", bytes(16), conn_index=1, chunk_size=SMALL_PAYLOAD, window=4))
+HELLO = wire.encode(Hello(0, bytes(16), conn_index=1, chunk_size=SMALL_PAYLOAD, window=4))
 WELCOME = wire.encode(Welcome(wire.WelcomeStatus.ACCEPTED, bytes(16), written=0))
 
 #: name -> (decoder factory, the opening frame of its direction)
