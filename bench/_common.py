@@ -551,7 +551,46 @@ def interleave(configs: list[Any], rounds: int, run_one: Callable[[Any, int], An
     return failed
 
 
+def interleave_and_report(configs: list[Any], rounds: int, run_one: Callable[[Any, int], Any],
+                          progress: Callable[[Any], str], report: Callable[[], None],
+                          quiet: bool = False) -> int:
+    """:func:`interleave`, then ``report()``; the exit status (1 if a run failed).  Ctrl-C
+    still reports what has run so far, and gives 130."""
+    try:
+        failed = interleave(configs, rounds, run_one, progress, quiet)
+        print()
+        report()
+    except KeyboardInterrupt:
+        print("\ninterrupted; partial results:", file=sys.stderr)
+        if configs:
+            report()
+        return 130
+    return 1 if failed else 0
+
+
+def keep_input(input_path: Path, directory: Path, size: int) -> None:
+    """``--keep``: move a generated input where the next run (same size) finds it again."""
+    if input_path.exists():
+        kept = directory / f"viamillipede-bench-input-{size}.bin"
+        input_path.replace(kept)
+        print(f"# input kept at {kept}", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- tools, header
+
+
+def add_run_args(ap: argparse.ArgumentParser, *, timeout_default: str,
+                 verbose_help: str = "per-round numbers") -> None:
+    """The options every bench that starts viamillipede processes shares."""
+    ap.add_argument("--viamillipede", default=None,
+                    help="viamillipede command (shell-split; default: next to sys.executable, "
+                    "else on PATH)")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help=f"seconds before a run is killed and marked failed ({timeout_default})")
+    ap.add_argument("--listen-timeout", type=float, default=20.0,
+                    help="seconds to wait for a receiver's LISTEN socket; default 20")
+    ap.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def default_viamillipede() -> str | None:

@@ -39,8 +39,9 @@ from _common import (
     PortPool,
     Rig,
     RunStats,
+    add_run_args,
     human_bytes,
-    interleave,
+    interleave_and_report,
     median,
     parse_int_list,
     parse_size,
@@ -330,15 +331,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="rounds (interleaved); default 3")
     ap.add_argument("--checksum", action="store_true", help="run viamillipede with checksum")
     ap.add_argument("--port", type=int, default=24400, help="base port; default 24400")
-    ap.add_argument("--viamillipede", default=None,
-                    help="viamillipede command (shell-split; default: next to sys.executable, "
-                    "else on PATH)")
-    ap.add_argument("--timeout", type=float, default=None,
-                    help="seconds before a run is killed (default 60 + 3 x SIZE / R)")
-    ap.add_argument("--listen-timeout", type=float, default=20.0, help=argparse.SUPPRESS)
-    ap.add_argument("-v", "--verbose", action="store_true",
-                    help="per-round numbers and per-connection rates")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    add_run_args(ap, timeout_default="default 60 + 3 x SIZE / R",
+                 verbose_help="per-round numbers and per-connection rates")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
@@ -363,19 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="viamillipede-capped-"))
     ports = PortPool(args.port)
     try:
-        failed = interleave(
+        return interleave_and_report(
             configs, args.rounds, lambda cfg, rnd: run_once(cfg, rnd, ports, args, workdir),
             lambda run: f"{run.mbps:8.1f} MB/s ({run.seconds:.1f}s), forwarder CPU "
-            f"{run.cpu_fwd:.0f}%", args.quiet)
-        print()
-        report(configs, args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; partial results:", file=sys.stderr)
-        report(configs, args)
-        return 130
+            f"{run.cpu_fwd:.0f}%", lambda: report(configs, args), args.quiet)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from _common import (
     RunStats,
     default_viamillipede,
     human_bytes,
+    keep_input,
     median,
     parse_int_list,
     parse_size,
@@ -525,10 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         report(configs, args.verbose)
         return 130
     finally:
-        if args.keep and input_path.exists():
-            kept = args.dir / f"viamillipede-bench-input-{args.size}.bin"
-            input_path.replace(kept)
-            print(f"# input kept at {kept}", file=sys.stderr)
+        if args.keep:
+            keep_input(input_path, args.dir, args.size)
         shutil.rmtree(workdir, ignore_errors=True)
     return 1 if failed_any else 0
 

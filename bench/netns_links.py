@@ -43,8 +43,9 @@ from _common import (
     MiB,
     Rig,
     RunStats,
+    add_run_args,
     human_bytes,
-    interleave,
+    interleave_and_report,
     median,
     parse_size,
     print_header,
@@ -320,15 +321,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--checksum", action="store_true", help="run viamillipede with checksum")
     ap.add_argument("--port", type=int, default=25400,
                     help="base port (each run takes the next); default 25400")
-    ap.add_argument("--viamillipede", default=None,
-                    help="viamillipede command (shell-split; default: next to sys.executable, "
-                    "else on PATH)")
     ap.add_argument("--nc", default="nc", help="netcat-openbsd binary; default nc")
-    ap.add_argument("--timeout", type=float, default=None,
-                    help="seconds before a run is killed (default 60 + 3 x nc's expected time)")
-    ap.add_argument("--listen-timeout", type=float, default=20.0, help=argparse.SUPPRESS)
-    ap.add_argument("-v", "--verbose", action="store_true", help="per-round numbers")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    add_run_args(ap, timeout_default="default 60 + 3 x nc's expected time")
     args = ap.parse_args(argv)
     try:
         tc_rate_bytes(args.rate)
@@ -360,28 +354,21 @@ def main(argv: list[str] | None = None) -> int:
         f"per run, {args.rounds} round(s) interleaved, sink /dev/null", vm, args.nc)
     lab = Lab(args.rate)
     workdir = Path(tempfile.mkdtemp(prefix="viamillipede-netns-"))
-    failed = False
     configs: list[LinkConfig] = []
     try:
         lab.create()
         configs = build_configs(args, lab, vm)
         ports = iter(range(args.port, 65536))  # fresh namespaces: every port is free
-        failed = interleave(
+        return interleave_and_report(
             configs, args.rounds, lambda cfg, rnd: run_once(cfg, rnd, next(ports), args, workdir),
             lambda run: f"{run.mbps:7.1f} MB/s ({run.seconds:.1f}s, steady "
             f"{run.steady_mbps:.1f}) a1/a2 {100 * run.link_share[0]:.0f}/"
-            f"{100 * run.link_share[1]:.0f}%", args.quiet)
-        print()
-        report(configs, args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; partial results:", file=sys.stderr)
-        if configs:
-            report(configs, args)
+            f"{100 * run.link_share[1]:.0f}%", lambda: report(configs, args), args.quiet)
+    except KeyboardInterrupt:  # while the lab was being built
         return 130
     finally:
         lab.destroy()
         shutil.rmtree(workdir, ignore_errors=True)
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":
