@@ -64,6 +64,7 @@ from procs import Procs, free_port, procs_fixture  # noqa: F401  (the ``procs`` 
 from viamillipede import BytesSource, Receiver, TransferStats
 from viamillipede.api import send, tcp_transmitter
 from viamillipede.errors import PeerRejected, PeerTimeout, ProtocolViolation, ViamillipedeError
+from viamillipede.options import HANDSHAKE_TIMEOUT
 from viamillipede.wire import (
     PROTOCOL_VERSION,
     Ack,
@@ -288,6 +289,41 @@ async def test_a_wrong_checkphrase_before_the_transmitter_does_not_bind_the_rece
 
     assert welcome == refused_without_leak(WelcomeStatus.BAD_CHECKPHRASE)
     assert closed, "the receiver kept the squatter's refused connection open"
+    problems = session_problems(served, tx, data)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(("fields", "status"), [
+    ({"version": 1}, WelcomeStatus.BAD_VERSION),  # version 1 had no AUTH: it waits for WELCOME
+    ({"mode": 0}, WelcomeStatus.BAD_MODE),  # sealed, to a receiver started with plaintext
+    ({"mode": 0x8000_0001}, WelcomeStatus.BAD_PARAMETERS),  # a mode bit not known
+])
+async def test_a_hello_without_auth_is_answered_at_once_when_it_alone_is_refused(
+    fields: dict[str, Any], status: WelcomeStatus,
+) -> None:
+    """An older transmitter sends HELLO and waits: it must hear why it is refused, not be
+    dropped after the handshake timeout with nothing said."""
+    data = os.urandom(3 * CHUNK + 5)
+    tx: Outcome[TransferStats] = Outcome()
+    with anyio.fail_after(30), single_error():
+        async with anyio.create_task_group() as tg:
+            served = await start_receiver(tg)
+            old = await Peer.connect(served.port)
+            try:
+                await old.send(make_hello(conn_index=0, chunk_size=CHUNK, window=WINDOW,
+                                          **fields))
+                with anyio.fail_after(HANDSHAKE_TIMEOUT / 4):
+                    answer = await old.next_event()
+                    _, closed = await old.events_until_closed(HANDSHAKE_TIMEOUT / 4)
+            finally:
+                await old.aclose()
+            await tx.capture(lambda: send(BytesSource(data), [(HOST, served.port)], threads=2,
+                                          chunk_size=CHUNK, plaintext=True))
+            await served.outcome.wait(20)
+            tg.cancel_scope.cancel()
+
+    assert answer == refused_without_leak(status)
+    assert closed, "the receiver kept a refused connection open"
     problems = session_problems(served, tx, data)
     assert not problems, "\n".join(problems)
 

@@ -186,6 +186,8 @@ def test_parameters_at_the_bounds_are_accepted(fields: dict[str, int]) -> None:
     ({"version": PROTOCOL_VERSION + 1}, WelcomeStatus.BAD_VERSION),
     ({"version": 0}, WelcomeStatus.BAD_VERSION),
     ({"mode": 0}, WelcomeStatus.BAD_MODE),
+    ({"mode": int(Mode.PLAINTEXT) | 2}, WelcomeStatus.BAD_PARAMETERS),  # a mode bit not known
+    ({"mode": 0x8000_0000}, WelcomeStatus.BAD_PARAMETERS),
     ({"conn_index": MAX_CONNECTIONS}, WelcomeStatus.BAD_PARAMETERS),
     ({"conn_index": U16}, WelcomeStatus.BAD_PARAMETERS),
     ({"conn_index": -1}, WelcomeStatus.BAD_PARAMETERS),
@@ -217,6 +219,20 @@ def test_the_version_is_judged_before_the_mode() -> None:
     """A stranger with an old client learns only that."""
     status = admit_with(new_core(), hello(version=9, mode=0)).welcome.status
     assert status == WelcomeStatus.BAD_VERSION
+
+
+@pytest.mark.parametrize(("fields", "status"), [
+    ({"version": 1}, WelcomeStatus.BAD_VERSION),  # a version-1 transmitter: it sends no AUTH
+    ({"mode": 0}, WelcomeStatus.BAD_MODE),
+    ({"mode": 3}, WelcomeStatus.BAD_PARAMETERS),
+    ({}, None),
+    ({"session_id": OTHER_SID, "chunk_size": 0}, None),  # for admit(), with its AUTH
+])
+def test_the_hello_alone_settles_version_and_mode(fields: dict[str, Any],
+                                                  status: WelcomeStatus | None) -> None:
+    core = receiving_core()
+    refusal = core.screen(hello(**fields))
+    assert (refusal and refusal.welcome) == (status and Welcome(int(status), NO_SESSION, 0))
 
 
 def test_later_hellos_must_announce_the_same_session() -> None:
@@ -1102,7 +1118,7 @@ class RxSession(RuleBasedStateMachine):
     @rule(
         version=st.one_of(st.just(PROTOCOL_VERSION),
                           st.sampled_from([0, PROTOCOL_VERSION + 1, U16])),
-        mode=st.sampled_from([int(Mode.PLAINTEXT), 0]),
+        mode=st.sampled_from([int(Mode.PLAINTEXT), 0, int(Mode.PLAINTEXT) | 1 << 31, 2]),
         sid=st.one_of(st.just(SID), st.sampled_from([OTHER_SID, NO_SESSION])),
         conn=st.one_of(st.sampled_from([0, MAX_CONNECTIONS - 1, MAX_CONNECTIONS, U16]),
                        st.integers(0, U16)),
@@ -1125,6 +1141,8 @@ class RxSession(RuleBasedStateMachine):
                 core.nbytes) == before, "a HELLO changed the session"
         if version != PROTOCOL_VERSION:
             status = WelcomeStatus.BAD_VERSION
+        elif mode & ~Mode.PLAINTEXT:  # a mode bit this version does not know
+            status = WelcomeStatus.BAD_PARAMETERS
         elif not mode & Mode.PLAINTEXT:  # the core under test was started with plaintext
             status = WelcomeStatus.BAD_MODE
         elif sid != SID:

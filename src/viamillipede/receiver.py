@@ -555,6 +555,10 @@ class _Connections:
                 if isinstance(hello, ConnectionClosed):
                     return None
                 assert isinstance(hello, Hello)  # the decoder accepts nothing else first
+                refusal = self.rx._core.screen(hello)
+                if refusal is not None:
+                    await self._refuse(conn, refusal)
+                    return None
                 auth = await reader.next_event()
                 if isinstance(auth, ConnectionClosed):
                     return None

@@ -130,10 +130,9 @@ class ReceiverCore(Generic[T]):
         """Judge a HELLO and the kind of handshake its AUTH asks for.  None: go on and
         authenticate (a key exchange, or a join with the session's keys); else the refusal
         to send.  A refusal tells the client neither the session id nor the progress."""
-        if hello.version != PROTOCOL_VERSION:
-            return self._refuse(WelcomeStatus.BAD_VERSION)
-        if bool(hello.mode & Mode.PLAINTEXT) != self.plaintext:
-            return self._refuse(WelcomeStatus.BAD_MODE)
+        refusal = self.screen(hello)
+        if refusal is not None:
+            return refusal
         params = self.params
         if params is not None and hello.session_id != params.session_id:
             return self._refuse(WelcomeStatus.WRONG_SESSION)
@@ -151,6 +150,19 @@ class ReceiverCore(Generic[T]):
         elif kind == AuthKind.JOIN and self.keys is not None:
             return None
         return self._refuse(WelcomeStatus.WRONG_SESSION)
+
+    def screen(self, hello: Hello) -> Admission | None:
+        """What a HELLO settles on its own, so it is answered before any AUTH is awaited: a
+        version-1 transmitter sends none and would otherwise wait out the handshake timeout
+        instead of hearing "protocol version".  Mode bits this version does not know are
+        refused rather than ignored, so a later meaning cannot be silently dropped."""
+        if hello.version != PROTOCOL_VERSION:
+            return self._refuse(WelcomeStatus.BAD_VERSION)
+        if hello.mode & ~Mode.PLAINTEXT:
+            return self._refuse(WelcomeStatus.BAD_PARAMETERS)
+        if bool(hello.mode & Mode.PLAINTEXT) != self.plaintext:
+            return self._refuse(WelcomeStatus.BAD_MODE)
+        return None
 
     def authenticated(self, hello: Hello, keys: SessionKeys) -> Welcome:
         """The connection proved itself with ``keys``: the WELCOME it gets.  A key exchange
