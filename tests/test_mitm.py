@@ -354,22 +354,8 @@ FLIPS: dict[str, tuple[Callable[[], Flip], bool]] = {
 }
 
 
-#: src/viamillipede/wire/secure.py, PakeTx.finish and PakeRx.finish, catch SPAKEError and
-#: ValueError only; spake2 raises its own NotOnCurve (an Exception) for a point off the curve,
-#: which escapes both ends' handshakes and ends the session with a crash.
-NOT_ON_CURVE = pytest.mark.xfail(
-    strict=True,
-    reason="product bug: spake2's NotOnCurve escapes PakeTx/PakeRx.finish (secure.py), so a "
-           "SPAKE2 point off the curve crashes the end that reads it instead of failing the "
-           "key exchange",
-)
-
-
 @trio_only
-@pytest.mark.parametrize("case", [
-    pytest.param(case, marks=NOT_ON_CURVE) if case.endswith("off-curve") else case
-    for case in FLIPS
-])
+@pytest.mark.parametrize("case", list(FLIPS))
 async def test_one_flipped_bit_is_detected(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # A receiver whose FIN was spoiled waits out its linger before it may exit; shortening it
     # keeps that case fast without changing what it ends with.

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spake2 import SPAKE2_A, SPAKE2_B
+from spake2.ed25519_basic import NotOnCurve
 from spake2.spake2 import SPAKEError
 
 __all__ = [
@@ -117,7 +118,7 @@ class PakeTx:
     def finish(self, peer: bytes) -> bytes:
         try:
             return bytes(self._s.finish(peer))
-        except (SPAKEError, ValueError) as exc:
+        except (SPAKEError, NotOnCurve, ValueError) as exc:  # NotOnCurve: not a ValueError
             raise AuthFailed(f"bad key exchange message: {exc}") from None
 
 
@@ -131,7 +132,7 @@ class PakeRx:
     def finish(self, peer: bytes) -> bytes:
         try:
             return bytes(self._s.finish(peer))
-        except (SPAKEError, ValueError) as exc:
+        except (SPAKEError, NotOnCurve, ValueError) as exc:  # NotOnCurve: not a ValueError
             raise AuthFailed(f"bad key exchange message: {exc}") from None
 
 
