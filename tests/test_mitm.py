@@ -33,6 +33,8 @@ from typing import Any
 
 import anyio
 import pytest
+import trio
+import trio.testing
 from spake2.ed25519_basic import NotOnCurve, decodepoint
 
 from harness import WatchedSink
@@ -48,7 +50,8 @@ from mitm import TO_RX, TO_TX, Frame, Link, Mitm, Tamper, flip, replay_to_receiv
 from procs import Procs, bytes_file, free_port
 from viamillipede import BufferSink, BytesSource, TransferStats
 from viamillipede.api import tcp_transmitter
-from viamillipede.errors import ExitCode, PeerRejected, ViamillipedeError
+from viamillipede.errors import ExitCode, PeerRejected, ProtocolViolation, ViamillipedeError
+from viamillipede.receiver import MAX_TAMPERED, TAMPER_FORGIVE_S, Receiver
 from viamillipede.wire import (
     DATA_HEADER_SIZE,
     Ack,
@@ -721,6 +724,40 @@ async def test_a_cut_at_the_end_of_the_session_recovers(frame_kind: str) -> None
     assert meddler.done, f"no {frame_kind} was sent"
     found = problems(run, recover=True)
     assert not found, "\n".join(found)
+
+
+@trio_only
+async def test_a_path_that_damages_every_chunk_ends_the_session_loudly() -> None:
+    """Each chunk that fails to open drops its connection and comes again; when they keep
+    failing, someone is tampering: the receiver ends the session saying so, before either
+    end's idle timeout would have."""
+    flip = Flip(TO_RX, "Data", DATA_HEADER_SIZE + 5, every=True)
+    data = payload()
+    run = await through_mitm(data, flip, threads=8, idle=60.0)
+
+    assert len(flip.hits) >= MAX_TAMPERED
+    assert run.out == b""
+    assert isinstance(run.rx.error, ProtocolViolation), run.rx.describe()
+    assert "failed to verify" in str(run.rx.error) and "tampering" in str(run.rx.error)
+    assert run.tx.error is not None and not run.tx.ok, run.tx.describe()
+
+
+def test_failures_to_verify_are_forgiven_over_time() -> None:
+    """The limit is on a burst: 15 failures, then 15 more a few minutes later, do not end an
+    hours-long session; 16 in a row do."""
+
+    async def main() -> None:
+        receiver = Receiver(BufferSink())
+        for _ in range(MAX_TAMPERED - 1):
+            receiver.tampered("a chunk failed to verify")
+        clock.jump((MAX_TAMPERED - 1) * TAMPER_FORGIVE_S)
+        for _ in range(MAX_TAMPERED - 1):
+            receiver.tampered("a chunk failed to verify")
+        with pytest.raises(ProtocolViolation, match=f"^{2 * MAX_TAMPERED - 1} frames failed"):
+            receiver.tampered("a chunk failed to verify")
+
+    clock = trio.testing.MockClock()
+    trio.run(main, clock=clock)
 
 
 # -- 5. what an eavesdropper sees --------------------------------------------------------------

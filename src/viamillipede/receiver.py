@@ -102,6 +102,9 @@ MAX_FAILED_KEY_EXCHANGES = 5
 #: with.  Each failure drops its connection and the chunk is sent again; a few can be a
 #: broken link, many cannot.
 MAX_TAMPERED = 16
+#: ...in a burst: each failure is forgiven after this many seconds, so a link that damages a
+#: frame now and then over an hours-long session is survived, and a tamperer is not.
+TAMPER_FORGIVE_S = 60.0
 
 #: Refusals after the first of each kind are reported in one line at most this often.
 REPORT_EVERY = 60.0
@@ -260,6 +263,8 @@ class Receiver:
             max_chunk_size=max_chunk_size, max_buffer=max_buffer, plaintext=plaintext)
         self._sealer: ChunkSealer | None = None  # opens chunks; None in plaintext
         self._tampered = 0  # chunks and frames that failed to verify
+        self._tamper_level = 0.0  # the same, less one per TAMPER_FORGIVE_S
+        self._tamper_at = 0.0
         self._gate = _Gate()
         self._checksum: Checksum | None = None
         self._pool: BufferPool | None = None
@@ -474,9 +479,13 @@ class Receiver:
     def tampered(self, what: str) -> None:
         """Something failed to verify: drop it (the caller drops its connection); too many
         and someone is tampering with the session, which ends it."""
+        now = anyio.current_time()
+        forgiven = (now - self._tamper_at) / TAMPER_FORGIVE_S if self._tampered else 0.0
+        self._tamper_level = max(self._tamper_level - forgiven, 0.0) + 1
+        self._tamper_at = now
         self._tampered += 1
         log.warning("%s", what)
-        if self._tampered >= MAX_TAMPERED:
+        if self._tamper_level >= MAX_TAMPERED:
             raise ProtocolViolation(
                 f"{self._tampered} frames failed to verify: someone is tampering with the "
                 "connections, or a link corrupts data")
