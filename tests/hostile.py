@@ -408,9 +408,37 @@ class GatedSource:
 Behaviour = Callable[["Peer", Hello], Awaitable[None]]
 
 
+async def accept_handshake(peer: Peer, keys: dict[bytes, SessionKeys], *,
+                           phrase: bytes = CHECKPHRASE) -> Hello | None:
+    """A receiver's side of one connection's handshake: read HELLO and AUTH, answer with
+    ``phrase`` (or, for a join, with the session's keys, which ``keys`` holds by session id),
+    check the transmitter's proof and send a tagged WELCOME ACCEPTED echoing its session id
+    (``written`` 0).  Returns the HELLO, or None if the transmitter opened with anything else;
+    raises AuthFailed if its proof does not verify."""
+    event = await peer.next_event()
+    auth = await peer.next_event()
+    if not isinstance(event, Hello) or not isinstance(auth, Auth):
+        return None
+    sid = event.session_id
+    joined = keys.get(sid) if auth.kind == AuthKind.JOIN else None
+    attempt = rx_attempt(encode(event), auth, keys=joined, password=password(phrase),
+                         session_id=sid)
+    await peer.send(attempt.auth)
+    proof = await peer.next_event()
+    if not isinstance(proof, Auth):
+        return None
+    channel = attempt.check(proof)
+    keys[sid] = attempt.keys
+    peer.decoder.checker = channel.checker
+    peer.tagger = channel.tagger
+    await peer.send(Welcome(WelcomeStatus.ACCEPTED, sid, 0))
+    return event
+
+
 class FakeReceiver:
-    """Listens on 127.0.0.1; answers every HELLO with WELCOME ACCEPTED echoing its session id
-    (``written`` 0), then hands the connection to ``behave``."""
+    """Listens on 127.0.0.1; answers every HELLO with the handshake and WELCOME ACCEPTED
+    echoing its session id (``written`` 0, see :func:`accept_handshake`), then hands the
+    connection to ``behave``."""
 
     def __init__(self, behave: Behaviour) -> None:
         self.behave = behave
@@ -432,25 +460,11 @@ class FakeReceiver:
     async def _handle(self, stream: anyio.abc.ByteStream) -> None:
         peer = Peer(stream, Decoder.for_receiver())
         try:
-            event = await peer.next_event()
-            auth = await peer.next_event()
-            if not isinstance(event, Hello) or not isinstance(auth, Auth):
+            opening = await accept_handshake(peer, self._keys)
+            if opening is None:
                 return
-            self.hellos.append(event)
-            sid = event.session_id
-            keys = self._keys.get(sid) if auth.kind == AuthKind.JOIN else None
-            attempt = rx_attempt(encode(event), auth, keys=keys, password=password(CHECKPHRASE),
-                                 session_id=sid)
-            await peer.send(attempt.auth)
-            proof = await peer.next_event()
-            if not isinstance(proof, Auth):
-                return
-            channel = attempt.check(proof)
-            self._keys[sid] = attempt.keys
-            peer.decoder.checker = channel.checker
-            peer.tagger = channel.tagger
-            await peer.send(Welcome(WelcomeStatus.ACCEPTED, sid, 0))
-            await self.behave(peer, event)
+            self.hellos.append(opening)
+            await self.behave(peer, opening)
         except (ProtocolError, AuthFailed, *STREAM_ERRORS):
             pass
         finally:

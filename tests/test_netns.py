@@ -41,6 +41,7 @@ import pytest
 
 from harness import PacedSource, WatchedSink, run_mock, run_session
 from netns_lab import Lab, MiB, lab_or_skip, pattern_file, signal_name, tail, wait_until
+from viamillipede import receiver, txsource
 from viamillipede.testing import MemoryNetwork, PassThrough
 
 T = TypeVar("T")
@@ -75,6 +76,20 @@ def note(record: Record, key: str, value: float | str) -> None:
 
 
 # -- the same two links in memory, under a mock clock ------------------------------------------
+
+
+@pytest.fixture
+def seal_on_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seal and open every chunk on the event loop, as chunks below INLINE_SEAL_BYTES are.
+
+    The mock clock jumps ahead whenever every task waits; a task waiting for a worker thread to
+    seal a 2 MiB chunk is waiting too, so each seal or open would let the clock skip to the
+    next deadline (a stall, a link's next byte, a reminder) while no time passed for the
+    session: dozens of jumps per transfer, and timings and link shares that mean nothing.  On
+    the loop, sealing takes no mock time, as the twin means it to; the bytes on the wire, the
+    handshakes and the re-sends of sealed chunks are the CLI's."""
+    for module in (txsource, receiver):
+        monkeypatch.setattr(module, "INLINE_SEAL_BYTES", 1 << 62)
 
 
 class Link:
@@ -185,6 +200,7 @@ class TwoLinks:
         return session.received
 
 
+@pytest.mark.usefixtures("seal_on_the_loop")
 def test_in_memory_a_slow_source_stays_on_the_first_link() -> None:
     """A source slower than one link (3 MB/s for 8 s against 25 MB/s links) leaves the
     second link idle: its chunks never wait for the first link."""
@@ -196,6 +212,7 @@ def test_in_memory_a_slow_source_stays_on_the_first_link() -> None:
     assert share < 0.10, f"link 2 carried {share:.0%} ({a2} of {a1 + a2} bytes)"
 
 
+@pytest.mark.usefixtures("seal_on_the_loop")
 def test_in_memory_a_fast_source_spills_over_to_the_second_link() -> None:
     """What makes the test above mean something: the second link is used once the first is
     busy."""
@@ -206,6 +223,7 @@ def test_in_memory_a_fast_source_spills_over_to_the_second_link() -> None:
     assert a2 / (a1 + a2) > 0.25, f"link 2 carried only {a2} of {a1 + a2} bytes"
 
 
+@pytest.mark.usefixtures("seal_on_the_loop")
 @pytest.mark.parametrize("how", ["down", "blackhole"])
 def test_in_memory_a_dead_link_mid_transfer_is_routed_around_in_time(
         how: Literal["down", "blackhole"]) -> None:

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from harness import run_mock
+from hostile import Peer, accept_handshake
 from viamillipede import BufferSink, BytesSource, Receiver, Transmitter
 from viamillipede.errors import PeerTimeout, TruncatedStream
 from viamillipede.streams import ConnectFailed
@@ -40,6 +41,7 @@ from viamillipede.window import MAX_STALL, MIN_STALL
 from viamillipede.wire import (
     NEED_DATA,
     Ack,
+    Auth,
     ByeOk,
     ConnectionClosed,
     Data,
@@ -49,8 +51,8 @@ from viamillipede.wire import (
     RemoteProtocolError,
     Welcome,
     WelcomeStatus,
-    encode,
 )
+from viamillipede.wire.secure import SessionKeys, TagChecker
 
 MAX_SEQ = 2**64 - 1
 
@@ -629,32 +631,20 @@ TestHostileReceiver.settings = settings(max_examples=300, stateful_step_count=60
 # -- the driver under a mock clock ----------------------------------------------------------------
 
 
-class FakePeer:
-    """A scripted receiver's end of one connection."""
+class FakePeer(Peer):
+    """A scripted receiver's end of one connection: the handshake is a real receiver's
+    (:func:`hostile.accept_handshake`), what follows is the script's."""
 
-    def __init__(self, stream: anyio.abc.ByteStream) -> None:
-        self.stream = stream
-        self.decoder = Decoder.for_receiver()
-
-    async def send(self, event: Event) -> None:
-        await self.stream.send(encode(event))
+    def __init__(self, stream: anyio.abc.ByteStream, keys: dict[bytes, SessionKeys]) -> None:
+        super().__init__(stream, Decoder.for_receiver())
+        self._keys = keys
 
     async def next(self) -> Event:
-        while True:
-            event = self.decoder.next_event()
-            if event is not NEED_DATA:
-                assert not isinstance(event, type(NEED_DATA))
-                return event
-            try:
-                data = await self.stream.receive()
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                data = b""
-            self.decoder.receive_data(data)
+        return await self.next_event()
 
     async def welcome(self) -> Hello:
-        hello = await self.next()
-        assert isinstance(hello, Hello)
-        await self.send(Welcome(int(WelcomeStatus.ACCEPTED), hello.session_id, 0))
+        hello = await accept_handshake(self, self._keys)
+        assert hello is not None
         return hello
 
     async def until_closed(self) -> None:
@@ -667,10 +657,11 @@ Script = Callable[[FakePeer, int], Awaitable[None]]
 
 async def serve_fake(net: MemoryNetwork, script: Script) -> None:
     """Answer every connection on ``net`` with ``script(peer, accept number)``."""
+    keys: dict[bytes, SessionKeys] = {}  # the session's, once the first handshake made them
     async with anyio.create_task_group() as tg:
         for accepted in range(10**6):
             stream = await net.accept()
-            tg.start_soon(script, FakePeer(stream), accepted)
+            tg.start_soon(script, FakePeer(stream, keys), accepted)
 
 
 @pytest.mark.parametrize(("rtt", "limit"), [(0.01, MIN_STALL), (0.5, 4.0), (5.0, MAX_STALL)])
@@ -762,6 +753,16 @@ def test_reconnects_back_off_doubling_to_the_cap_and_retry_quickly_after_progres
     assert pauses == pytest.approx(expected, abs=1e-9)
 
 
+class AnyTag(TagChecker):
+    """Takes every tag: the mirror below only needs to know where each frame ends."""
+
+    def __init__(self) -> None:
+        super().__init__(b"")
+
+    def check(self, frame: bytes, tag: bytes) -> None:
+        pass
+
+
 class LosesByeOk(PassThrough):
     """A transmitter's end of a connection that breaks as the receiver's BYE_OK arrives."""
 
@@ -774,6 +775,8 @@ class LosesByeOk(PassThrough):
         data = await self.inner.receive(max_bytes)
         self.mirror.receive_data(data)
         while (event := self.mirror.next_event()) is not NEED_DATA:
+            if isinstance(event, Auth):
+                self.mirror.checker = AnyTag()  # the control frames after it are tagged
             if isinstance(event, ByeOk):
                 self.seen.append(trio.current_time())
                 await self.inner.aclose()
