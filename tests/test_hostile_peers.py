@@ -65,6 +65,7 @@ from viamillipede import BytesSource, Receiver, TransferStats
 from viamillipede.api import send, tcp_transmitter
 from viamillipede.errors import PeerRejected, PeerTimeout, ProtocolViolation, ViamillipedeError
 from viamillipede.options import HANDSHAKE_TIMEOUT
+from viamillipede.receiver import MAX_TAMPERED
 from viamillipede.wire import (
     PROTOCOL_VERSION,
     Ack,
@@ -261,6 +262,34 @@ async def test_a_stranger_cannot_join_a_live_session(inject: str) -> None:
         if not closed:
             problems.append(f"the stranger's connection with {name} was not closed")
     problems += session_problems(served, tx, data)
+    assert not problems, "\n".join(problems)
+
+
+async def test_joins_that_hang_up_before_their_proof_are_not_counted_as_tampering() -> None:
+    """A link cut mid-join leaves a join without its proof.  That forged nothing; counted as
+    tampering, a flaky link (or anyone who read the session id off the wire) would end a
+    healthy session after MAX_TAMPERED of them.  Twice that many hang-ups change nothing."""
+    data = live_payload()
+    challenged = 0
+
+    async def attack(served: ServedReceiver) -> None:
+        nonlocal challenged
+        assert served.receiver.session_id is not None
+        for _ in range(2 * MAX_TAMPERED):
+            peer = await Peer.connect(served.port)
+            try:
+                await peer.send(make_hello(session_id=served.receiver.session_id, conn_index=7,
+                                           chunk_size=CHUNK, window=WINDOW),
+                                Auth(AuthKind.JOIN, os.urandom(32)))
+                challenged += isinstance(await peer.next_event(), Auth)
+            finally:
+                await peer.aclose()  # before any proof
+
+    with anyio.fail_after(40):
+        served, tx = await during_live_session(data, attack)
+
+    assert challenged == 2 * MAX_TAMPERED
+    problems = session_problems(served, tx, data)
     assert not problems, "\n".join(problems)
 
 

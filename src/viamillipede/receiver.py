@@ -619,7 +619,8 @@ class _Connections:
                 await self._refuse(conn, Admission(
                     Welcome(int(WelcomeStatus.BAD_CHECKPHRASE), bytes(16), 0),
                     WELCOME_MEANING[WelcomeStatus.BAD_CHECKPHRASE]))
-            elif proof is not None:  # a join that hangs up before its proof is not forgery
+            elif not isinstance(proof, ConnectionClosed | None):
+                # a join that hangs up or goes quiet before its proof (a cut link) forged nothing
                 rx.tampered(f"connection from {conn.name} failed to prove it joins the session")
             return None
         unbound = core.params is None
