@@ -1,4 +1,9 @@
-"""A regular file as the source: chunks are regions of it, sent with sendfile, re-read on loss."""
+"""A regular file as the source: chunks are regions of it, sent with sendfile, re-read on loss.
+
+Regions go by reference only in plaintext mode (given to both ends): a sealed chunk must be in
+memory to be sealed, so an encrypted session reads a file like a pipe.  The tests of the
+zero-copy paths run in plaintext.
+"""
 
 from __future__ import annotations
 
@@ -71,9 +76,9 @@ async def test_a_file_is_sent_from_the_page_cache_and_lost_regions_are_reread(
     sink = BufferSink()
     source = FdSource(f.fileno())
     assert source.file_fd == f.fileno()
-    async with loopback_receiver(sink) as rx:
+    async with loopback_receiver(sink, plaintext=True) as rx:
         tx = tcp_transmitter(
-            source, rx.targets, threads=3, chunk_size=CHUNK,
+            source, rx.targets, threads=3, chunk_size=CHUNK, plaintext=True,
             wrap=lambda i, gen, s: Breaking(s, 2 if gen == 0 and i < 2 else None, log),
         )
         stats = await tx.run()
@@ -103,9 +108,10 @@ async def test_with_checksums_a_file_is_read_once_and_sent_by_reference(
             return await super().pread(view, offset, digest)
 
     sink = BufferSink()
-    async with loopback_receiver(sink) as rx:
+    async with loopback_receiver(sink, plaintext=True) as rx:
         tx = tcp_transmitter(
             Counted(f.fileno()), rx.targets, threads=3, chunk_size=CHUNK, checksum=True,
+            plaintext=True,
             wrap=lambda i, gen, s: Breaking(s, 2 if gen == 0 and i < 2 else None, log),
         )
         stats = await tx.run()
@@ -119,12 +125,16 @@ async def test_with_checksums_a_file_is_read_once_and_sent_by_reference(
     assert log.count("pages") >= len(reads)
 
 
+@pytest.mark.parametrize("plaintext", [True, False], ids=["regions", "sealed"])
 async def test_a_file_over_streams_without_sendfile_is_read_into_buffers(
-    payload: tuple[BinaryIO, bytes, Path],
+    payload: tuple[BinaryIO, bytes, Path], plaintext: bool
 ) -> None:
+    """In plaintext each region is read (pread) when it is sent; sealed, the file is read in
+    order like a pipe."""
     f, data, _path = payload
     f.seek(1000)  # a file handed over part-read is sent from where it stands
-    session = await run_session(FdSource(f.fileno()), threads=2, chunk_size=CHUNK)
+    session = await run_session(FdSource(f.fileno()), threads=2, chunk_size=CHUNK,
+                                plaintext=plaintext, rx_options={"plaintext": plaintext})
     assert session.received == data[1000:]
 
 
@@ -163,7 +173,8 @@ async def test_a_file_changed_under_the_transfer_arrives_as_it_was_read(
         return await net.connect(index)
 
     session = await run_session(Watched(f.fileno()), net=net, connect=connect, threads=1,
-                                chunk_size=CHUNK, checksum=checksum)
+                                chunk_size=CHUNK, checksum=checksum, plaintext=True,
+                                rx_options={"plaintext": True})
     assert session.received == (data if checksum else b"X" * 10 + data[10:])
 
 
@@ -177,9 +188,9 @@ async def test_a_file_that_shrinks_while_sent_fails_loudly(
             os.truncate(path, 0)
             await super().send_file(header, fd, offset, count)
 
-    async with loopback_receiver(BufferSink()) as rx:
+    async with loopback_receiver(BufferSink(), plaintext=True) as rx:
         tx = tcp_transmitter(FdSource(f.fileno()), rx.targets, threads=2, chunk_size=CHUNK,
-                             wrap=lambda i, gen, s: Truncating(s, None, []))
+                             plaintext=True, wrap=lambda i, gen, s: Truncating(s, None, []))
         with pytest.raises(LocalIOError, match="shrank"):
             await tx.run()
         rx.stop()

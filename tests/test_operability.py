@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import io
 import json
 import os
@@ -29,12 +30,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import jsonschema
 import pytest
 import trio
 import trio.testing
 
 from harness import Ends, mid_transfer
+from hostile import NoWelcome, Peer, hello
 from procs import (
     HOST,
     WAIT,
@@ -61,10 +65,8 @@ from viamillipede.wire import (
     Error,
     ErrorCode,
     Feature,
-    Hello,
     Welcome,
     WelcomeStatus,
-    encode,
 )
 from viamillipede.wire.codec import NEED_DATA
 
@@ -247,7 +249,8 @@ def test_stats_json_both_ends(procs: Procs, chaos: bool) -> None:
             assert doc["chaos"] is None
     if chaos:
         tx_chaos = load_stats(procs.dir / "tx.json")["chaos"]
-        assert tx_chaos["kinds"] == ["delay", "reset", "short", "stall"]
+        # A sealed session (the default) catches corrupted chunks: chaos corrupts them too.
+        assert tx_chaos["kinds"] == ["corrupt", "delay", "reset", "short", "stall"]
         assert tx_chaos["faults"], "seed 3 at rate 0.05 injected nothing in 49 chunks"
         assert load_stats(procs.dir / "rx.json")["chaos"]["kinds"] == ["delay", "short"]
     assert not list(procs.dir.glob("*.tmp")), "a temporary stats file was left behind"
@@ -419,34 +422,66 @@ def _recv_event(sock: socket.socket, decoder: Decoder) -> object:
         decoder.receive_data(sock.recv(65536))
 
 
+class _BlockingStream(anyio.abc.ByteStream):
+    """A connected blocking socket as the stream a :class:`hostile.Peer` talks through: each
+    call is done when it returns (the socket's timeout bounds it), so the peer's coroutines
+    run to completion under :func:`anyio.run` in these synchronous tests."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    async def send(self, item: bytes) -> None:
+        self.sock.sendall(item)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        data = self.sock.recv(max_bytes)
+        if not data:
+            raise anyio.EndOfStream
+        return data
+
+    async def send_eof(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    async def aclose(self) -> None:
+        self.sock.close()
+
+
 def _fake_session(
     port: int, session: bytes, conn_index: int = 0, *, chunk_size: int = CHUNK,
     wait: bool = True, features: int = 0,
-) -> tuple[socket.socket, Decoder, object]:
-    """A transmitter played over a raw socket: it says HELLO for ``session`` (default
-    checkphrase, window 8, no features); returns the socket, its decoder and the answer.
-    ``wait``: retry until the receiver listens (else a refused connection raises)."""
+) -> tuple[socket.socket, Peer, Welcome]:
+    """A transmitter played over a raw socket: it says HELLO for ``session`` (window 8,
+    ``features``) and runs the handshake with the default checkphrase, as the crafted peers of
+    tests/hostile.py do: the session's first connection exchanges keys, the next ones join.
+    Returns the socket, the peer (its ``encode`` tags control frames, its ``decoder`` checks
+    the receiver's tags) and the WELCOME; raises NoWelcome if the receiver answers otherwise.
+    ``wait``: retry until the receiver listens (else a refused connection raises).
+
+    Like those crafted peers it sends DATA in clear, so the receiver must be started with
+    ``plaintext``: what these tests provoke is the session's logic (totals, counts, a failed
+    session), which is the same sealed or not; sealing is tested in test_mitm."""
     sock = connect_when_listening(port) if wait else socket.create_connection((HOST, port), 10)
     sock.settimeout(10)
-    sock.sendall(encode(Hello(checkphrase=b"yoes", session_id=session, conn_index=conn_index,
-                              chunk_size=chunk_size, window=8, features=features)))
-    decoder = Decoder.for_transmitter()
-    return sock, decoder, _recv_event(sock, decoder)
+    peer = Peer(_BlockingStream(sock), Decoder.for_transmitter())
+    welcome = anyio.run(functools.partial(
+        hello, peer, session_id=session, conn_index=conn_index, chunk_size=chunk_size,
+        window=8, features=features))
+    return sock, peer, welcome
 
 
 def test_exit_5_truncated_stream(procs: Procs) -> None:
     """A transmitter (played here over a raw socket) claims two chunks in BYE but sent one."""
     port = free_port()
-    rx = procs.rx(port, "timeout", "20", "--stats-json", str(procs.dir / "rx.json"))
+    rx = procs.rx(port, "timeout", "20", "--stats-json", str(procs.dir / "rx.json"),
+                  "plaintext")
     session = os.urandom(16)
-    sock, decoder, welcome = _fake_session(port, session)
+    sock, peer, welcome = _fake_session(port, session)
     with sock:
-        assert isinstance(welcome, Welcome), welcome
         assert welcome.status == WelcomeStatus.ACCEPTED
         assert (welcome.session_id, welcome.written) == (session, 0)
-        sock.sendall(encode(Data(seq=0, checksum=0, payload=b"x" * CHUNK)))
-        sock.sendall(encode(Bye(chunks=2, nbytes=2 * CHUNK)))
-        while not isinstance(event := _recv_event(sock, decoder), Error | ConnectionClosed):
+        sock.sendall(peer.encode(Data(seq=0, checksum=0, payload=b"x" * CHUNK)))
+        sock.sendall(peer.encode(Bye(chunks=2, nbytes=2 * CHUNK)))
+        while not isinstance(event := _recv_event(sock, peer.decoder), Error | ConnectionClosed):
             assert isinstance(event, Ack), event
     one_error(rx, 5, "incomplete", timeout=15)
     doc = load_stats(procs.dir / "rx.json")
@@ -677,14 +712,14 @@ def test_progress_eta_never_negative() -> None:
 
 def test_truncated_bye_is_answered_with_totals_mismatch(procs: Procs) -> None:
     port = free_port()
-    rx = procs.rx(port, "timeout", "20")
-    sock, decoder, welcome = _fake_session(port, os.urandom(16), 0)
+    rx = procs.rx(port, "timeout", "20", "plaintext")
+    sock, peer, welcome = _fake_session(port, os.urandom(16), 0)
     with sock:
-        assert isinstance(welcome, Welcome) and welcome.status == WelcomeStatus.ACCEPTED
-        sock.sendall(encode(Data(seq=0, checksum=0, payload=b"x" * CHUNK)))
-        sock.sendall(encode(Bye(chunks=2, nbytes=2 * CHUNK)))
+        assert welcome.status == WelcomeStatus.ACCEPTED
+        sock.sendall(peer.encode(Data(seq=0, checksum=0, payload=b"x" * CHUNK)))
+        sock.sendall(peer.encode(Bye(chunks=2, nbytes=2 * CHUNK)))
         events = []
-        while not isinstance(event := _recv_event(sock, decoder), Error | ConnectionClosed):
+        while not isinstance(event := _recv_event(sock, peer.decoder), Error | ConnectionClosed):
             events.append(event)
         one_error(rx, 5, "incomplete", timeout=15)
     assert isinstance(event, Error), f"no ERROR frame; got {events} then {event}"
@@ -695,20 +730,22 @@ def test_failed_session_does_not_tell_a_reconnect_it_is_over(procs: Procs) -> No
     """The receiver times out with every chunk written but no BYE yet; while it says so on the
     open connection, the same session reconnects and must not hear "session over"."""
     port = free_port()
-    rx = procs.rx(port, "timeout", "1")
+    rx = procs.rx(port, "timeout", "1", "plaintext")
     session = os.urandom(16)
-    first, decoder, welcome = _fake_session(port, session, 0)
+    first, peer, welcome = _fake_session(port, session, 0)
     with first:
-        assert isinstance(welcome, Welcome) and welcome.status == WelcomeStatus.ACCEPTED
-        first.sendall(encode(Data(seq=0, checksum=0, payload=b"x" * CHUNK)))
-        while not isinstance(event := _recv_event(first, decoder), Error | ConnectionClosed):
+        assert welcome.status == WelcomeStatus.ACCEPTED
+        first.sendall(peer.encode(Data(seq=0, checksum=0, payload=b"x" * CHUNK)))
+        while not isinstance(event := _recv_event(first, peer.decoder), Error | ConnectionClosed):
             assert isinstance(event, Ack), event
         assert isinstance(event, Error) and event.code == ErrorCode.TIMEOUT
-        # The receiver now waits (up to 1 s) for this connection to close: reconnect meanwhile.
+        # The receiver now waits (up to 1 s) for this connection to close: reconnect meanwhile
+        # (a join: the session has keys).
+        answer: object
         try:
             second, _, answer = _fake_session(port, session, 1, wait=False)
             second.close()
-        except OSError as exc:  # refused or reset: as good as any refusal
+        except (OSError, NoWelcome) as exc:  # refused, reset or closed: as good as a refusal
             answer = exc
         one_error(rx, 4, "silent", timeout=15)
     assert not (isinstance(answer, Welcome) and answer.status == WelcomeStatus.SESSION_OVER
@@ -727,19 +764,19 @@ def test_delivered_bytes_count_what_reached_stdout(procs: Procs, path: str) -> N
     features = int(Feature.CHECKSUM_CRC32) if path == "buffered" else 0
     port = free_port()
     rx = procs.rx(port, "timeout", "20", "--stats-json", str(procs.dir / "rx.json"),
-                  stdout=subprocess.PIPE)
+                  "plaintext", stdout=subprocess.PIPE)
     assert rx.popen.stdout is not None
     session = os.urandom(16)
-    sock, decoder, welcome = _fake_session(port, session, chunk_size=big, features=features)
+    sock, peer, welcome = _fake_session(port, session, chunk_size=big, features=features)
     with sock:
-        assert isinstance(welcome, Welcome) and welcome.status == WelcomeStatus.ACCEPTED
+        assert welcome.status == WelcomeStatus.ACCEPTED
         payload = b"y" * big
         crc = zlib.crc32(payload) if features else 0
         if path == "buffered":
-            sock.sendall(encode(Data(seq=0, checksum=crc, payload=payload)))
-            assert _recv_event(sock, decoder) == Ack(0, 0)  # received; now being written
+            sock.sendall(peer.encode(Data(seq=0, checksum=crc, payload=payload)))
+            assert _recv_event(sock, peer.decoder) == Ack(0, 0)  # received; now being written
         else:  # the receiver takes it as the pipe drains: the send cannot complete
-            frame = encode(Data(seq=0, checksum=crc, payload=payload))
+            frame = peer.encode(Data(seq=0, checksum=crc, payload=payload))
             sock.settimeout(None)
 
             def send_all() -> None:
@@ -758,10 +795,11 @@ def test_delivered_bytes_count_what_reached_stdout(procs: Procs, path: str) -> N
 
         wait_until(pipe_full, "the receiver to fill its stdout pipe")
         # On a second connection: on the first, BYE would wait behind the payload.
-        other, _, welcome = _fake_session(port, session, 1, chunk_size=big, features=features)
+        other, other_peer, welcome = _fake_session(port, session, 1, chunk_size=big,
+                                                   features=features)
         with other:
-            assert isinstance(welcome, Welcome) and welcome.status == WelcomeStatus.ACCEPTED
-            other.sendall(encode(Bye(chunks=2, nbytes=2 * big)))
+            assert welcome.status == WelcomeStatus.ACCEPTED
+            other.sendall(other_peer.encode(Bye(chunks=2, nbytes=2 * big)))
             rx.popen.wait(timeout=WAIT)
     delivered = len(rx.popen.stdout.read())
     assert delivered >= capacity

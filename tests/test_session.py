@@ -338,26 +338,69 @@ class Counting(PassThrough):
         await self.inner.send(item)
 
 
+class HeldAcks(Counting):
+    """Counts what a connection sends, and the connection of every DATA frame in ``sent``.
+    Once the connection has sent a chunk, what the receiver sends back (its ACKs) is held until
+    ``full`` chunks have been sent over all connections; the handshake is not held."""
+
+    def __init__(self, inner: anyio.abc.ByteStream, tally: dict[int, int], index: int,
+                 sent: list[int], full: int, release: anyio.Event) -> None:
+        super().__init__(inner, tally, index)
+        self.sent, self.full, self.release = sent, full, release
+        self.sent_data = False
+
+    async def send(self, item: bytes | bytearray | memoryview) -> None:
+        if item[:1] == b"D":  # one DATA frame per send on an in-memory stream
+            self.sent_data = True
+            self.sent.append(self.index)
+            if len(self.sent) == self.full:
+                self.release.set()
+        await super().send(item)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        data = await self.inner.receive(max_bytes)
+        if self.sent_data:
+            await self.release.wait()
+        return data
+
+
 @pytest.mark.parametrize("slow", [True, False])
 async def test_first_target_is_filled_before_the_next(slow: bool) -> None:
     """Connections 1 and 3 go to the preferred target, 0 and 2 to the second one (so the
-    preference, not the connection number, must decide)."""
+    preference, not the connection number, must decide).
+
+    The stream starts once every connection is up: until then, whichever connection came up
+    first (the one that ran the session's key exchange; the others join after it) is the only
+    one there is, whatever its target.  A slow source (the next chunk exists only once the
+    previous one is written) then never needs the second target.  A fast one does: here no
+    acknowledgement comes back until the whole window is in flight, so the preferred
+    connections hold their share of it and the rest of the window spills over."""
     written = SignallingSink(0)
     chunks = 40
 
     class Source(BytesSource):
         async def readinto(self, view: memoryview) -> int:
+            if self._pos == 0:
+                await anyio.wait_all_tasks_blocked()  # every handshake is done
+                assert [link.state for link in tx.report().connections] == ["up"] * 4
             if slow:  # the next chunk exists only once the previous one is written
                 while len(written.data) < self._pos:
                     await written.wait_for_more()
             return await super().readinto(view)
 
     tally: dict[int, int] = {}
+    sent: list[int] = []  # the connection of each DATA frame, in order
+    window = 8  # the default for 4 connections: two chunks each until the path is measured
     net = MemoryNetwork()
-    net.wrap = lambda i, s: Counting(s, tally, i)
+    if slow:
+        net.wrap = lambda i, s: Counting(s, tally, i)
+    else:
+        release = anyio.Event()
+        net.wrap = lambda i, s: HeldAcks(s, tally, i, sent, window, release)
     data = os.urandom(chunks * CHUNK)
     tx = Transmitter(Source(data), net.connect, threads=4, chunk_size=CHUNK,
                      rank=lambda i: (i + 1) % 2)
+    assert tx.report().window == window
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             tg.start_soon(Receiver(written).serve, net)
@@ -367,9 +410,11 @@ async def test_first_target_is_filled_before_the_next(slow: bool) -> None:
     preferred = tally.get(1, 0) + tally.get(3, 0)
     spare = tally.get(0, 0) + tally.get(2, 0)
     if slow:
-        # At most the very first chunk, taken before the preferred connections were up.
-        assert spare < 2 * CHUNK
+        # Not one chunk: only the handshakes (and perhaps BYE or FIN) went to the spare target.
+        assert spare < CHUNK
     else:
+        # The first window went out before any ACK: each connection took its share of it.
+        assert sorted(sent[:window]) == [0, 0, 1, 1, 2, 2, 3, 3]
         assert spare > 4 * CHUNK and preferred > 4 * CHUNK
 
 

@@ -1,5 +1,9 @@
 """Chunks spliced from the socket straight into the output (a file or a pipe), and the
-bookkeeping when such a splice is cut short: no byte lost, none written twice."""
+bookkeeping when such a splice is cut short: no byte lost, none written twice.
+
+Only a plaintext session (both ends) splices: a sealed chunk must be opened in memory before
+it is written.  The sessions here are plaintext.
+"""
 
 from __future__ import annotations
 
@@ -22,12 +26,14 @@ CHUNK = 64 * 1024
 DATA = os.urandom(50 * CHUNK + 321)
 
 
-async def transfer(sink: FdSink, *, threads: int = 3, receiver: Receiver | None = None) -> Receiver:
-    rx = receiver or Receiver(sink)
+async def transfer(sink: FdSink, *, threads: int = 3, receiver: Receiver | None = None,
+                   plaintext: bool = True) -> Receiver:
+    """A session of DATA into ``sink``, through ``receiver`` (which must be in the same mode)."""
+    rx = receiver or Receiver(sink, plaintext=plaintext)
     async with anyio.create_task_group() as tg:
         port = await tg.start(serve_tcp, rx, 0)
         tx = tcp_transmitter(BytesSource(DATA), [("127.0.0.1", port)], threads=threads,
-                             chunk_size=CHUNK)
+                             chunk_size=CHUNK, plaintext=plaintext)
         await tx.run()
     return rx
 
@@ -53,6 +59,20 @@ async def test_chunks_are_spliced_into_a_file(tmp_path: Path) -> None:
     assert await out.read_bytes() == DATA
 
 
+async def test_a_sealed_session_opens_every_chunk_in_memory(tmp_path: Path) -> None:
+    """The default, encrypted session never splices, even into a sink that could take it."""
+    out = anyio.Path(tmp_path / "out.bin")
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        sink = FdSink(fd)
+        assert sink.can_splice
+        with anyio.fail_after(30):
+            rx = await transfer(sink, plaintext=False)
+        await sink.aclose()
+    finally:
+        os.close(fd)
+    assert await out.read_bytes() == DATA
+    assert rx.spliced == 0
 
 
 async def test_chunks_are_spliced_into_a_pipe() -> None:
@@ -111,7 +131,7 @@ async def test_a_chunk_cut_short_is_completed_from_its_resend(tmp_path: Path, ag
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         sink = CutOnce(fd)
-        rx = Receiver(sink)
+        rx = Receiver(sink, plaintext=True)
         if again == "buffered":
             real_turn = rx.output.my_turn
 

@@ -189,6 +189,11 @@ class _Gate:
 
     async def answer_refusal(self, admission: Admission, name: str) -> bool:
         """Count and log a refusal; False: drop it unanswered."""
+        if admission.welcome.status == WelcomeStatus.SESSION_FAILED:
+            # The session's own transmitter, still connecting while the receiver shuts down:
+            # the failure is reported once, by its reason, not again for every connection.
+            log.info("rejected connection from %s: %s", name, admission.reason)
+            return True
         self._count(admission.reason, name, anyio.current_time())
         return True
 

@@ -416,6 +416,15 @@ class _Shared:
             await stream.send(encode(Fin(*self.core.totals()), tagger))
         self.done.set()
 
+    async def await_reason(self) -> None:
+        """A tagged WELCOME said the receiver's session has failed: it says why (ERROR) on the
+        connections it still has, which may be read a moment later than this one.  Wait for
+        that (briefly), so that the session ends with the receiver's reason, not with "see its
+        error"."""
+        if self.live:
+            with anyio.move_on_after(BEST_EFFORT_TIMEOUT):
+                await self.done.wait()
+
     async def tell_receiver(self, error: ViamillipedeError) -> None:
         """Best effort: say ERROR on every connection that sits at a frame boundary, so the
         receiver stops at once instead of waiting out its timeout."""
@@ -449,11 +458,14 @@ class _Connection:
         (a broken stream, a stall, a frame the receiver had no business sending)."""
         shared, core, conn = self._shared, self._shared.core, self._conn
         reader = FrameReader(self._stream, Decoder.for_transmitter(), greedy=True)
+        handshake = None
         if shared.keying.keys is None:
             async with shared.key_exchange:  # the first to get it exchanges keys
-                welcome, tagger = await self._handshake(reader, hello)
-        else:
-            welcome, tagger = await self._handshake(reader, hello)
+                if shared.keying.keys is None:
+                    handshake = await self._handshake(reader, hello)
+        if handshake is None:  # a join: the others that waited for the keys join at once too
+            handshake = await self._handshake(reader, hello)
+        welcome, tagger = handshake
         self._tagger = tagger
         if welcome.status == WelcomeStatus.SESSION_OVER:
             # Our BYE_OK was lost with its connection; this WELCOME says the same thing.
@@ -528,6 +540,8 @@ class _Connection:
             raise LinkBroken(str(exc) or type(exc).__name__) from exc
         except ProtocolError as exc:
             raise LinkBroken(f"handshake: {exc}") from exc
+        if isinstance(answer, Welcome) and answer.status == WelcomeStatus.SESSION_FAILED:
+            await self._shared.await_reason()
         welcome = check_welcome(answer, hello)
         attempt.welcomed()
         if not self._shared.keyed.is_set():
@@ -612,8 +626,10 @@ class _Connection:
 
 
 #: What well-known services say first, so a wrong port is named by what is listening there.
-_GREETINGS = {b"HTTP/": "HTTP", b"SSH-": "SSH", b"220 ": "an FTP or SMTP greeting",
-              b"+OK": "a POP3 greeting", b"* OK": "an IMAP greeting", b"\x15\x03": "TLS"}
+#: A web server answers a request line that names no HTTP version (HTTP/0.9) with a bare page.
+_GREETINGS = {b"HTTP/": "HTTP", b"<!DOCTYPE": "HTTP", b"<html": "HTTP", b"SSH-": "SSH",
+              b"220 ": "an FTP or SMTP greeting", b"+OK": "a POP3 greeting",
+              b"* OK": "an IMAP greeting", b"\x15\x03": "TLS"}
 
 
 def what_answered(seen: bytes, exc: ProtocolError) -> str:
