@@ -50,6 +50,8 @@ from _common import (
     wait_listening,
 )
 from loopback import make_input
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from sshd_lab import SshdLabError, sshd_lab
 
 DEFAULT_CIPHER = "aes128-gcm@openssh.com"

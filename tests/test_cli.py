@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import shlex
 import socket
 import stat
 import subprocess
@@ -447,6 +448,72 @@ def test_chaos_corrupts_sealed_sessions_by_default_but_not_unchecked_plaintext()
     assert sealed is not None and clear is not None and checked is not None
     assert "corrupt" in sealed.kinds and "corrupt" in checked.kinds
     assert "corrupt" not in clear.kinds
+
+
+# -- tx --ssh ----------------------------------------------------------------------------------
+
+
+def test_tx_ssh_takes_the_remote_command_after_the_double_dash() -> None:
+    cfg = parse(["tx", "--ssh", "root@backup1", "--via", "10.9.0.2", "--via", "[fd00::2]",
+                 "threads", "8", "--ssh-command", "ssh -p 2222 -i k", "--port", "9000",
+                 "--remote-viamillipede", "/opt/vm/bin/viamillipede",
+                 "--", "zfs", "recv", "-F", "tank/fs", "--", "threads", "2"])
+    assert (cfg.mode, cfg.ssh, cfg.via, cfg.threads) == (
+        "tx", "root@backup1", ["10.9.0.2", "fd00::2"], 8)
+    assert (cfg.ssh_command, cfg.port, cfg.remote_viamillipede) == (
+        "ssh -p 2222 -i k", 9000, "/opt/vm/bin/viamillipede")
+    # everything after the first -- is the remote command's, words that look like ours too
+    assert cfg.remote_command == ["zfs", "recv", "-F", "tank/fs", "--", "threads", "2"]
+    assert cfg.targets == [] and cfg.key is None
+    assert parse("--ssh h -- cat").mode == "tx"
+
+
+def test_the_remote_command_line_is_quoted_for_the_remote_shell() -> None:
+    from viamillipede.sshmode import remote_command, target_host
+
+    cfg = parse(["tx", "--ssh", "h", "-v", "--", "cat > '/backup/my fs.zsend'"])
+    line = remote_command(cfg)
+    words = shlex.split(line)  # what the remote shell makes of it
+    assert words[:2] == ["viamillipede", "ssh-rx"]
+    assert words[words.index("--sink") + 1] == "cat > '/backup/my fs.zsend'"
+    assert words[words.index("verbose") + 1] == "1"  # one level quieter than the transmitter
+    assert [target_host(d) for d in ("h", "u@h", "u@[fd00::1]", "[::1]")] == [
+        "h", "h", "fd00::1", "::1"]
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    ("tx --ssh h", ["remote command", "--"]),
+    ("tx --ssh h --", ["remote command"]),
+    ("tx --ssh h tx h2 1 -- cat", ["not both"]),
+    ("tx --ssh h checkphrase abcd -- cat", ["fresh key"]),
+    ("tx --ssh h plaintext -- cat", ["fresh key"]),
+    ("tx h 1 --via 10.0.0.1", ["--via", "tx --ssh"]),
+    ("tx h 1 -- cat", ["a command after --", "tx --ssh"]),
+    ("tx h 1 --ssh-command x", ["--ssh-command"]),
+    ("tx h 1 --port 9", ["--port"]),
+    ("tx --ssh h --ssh-command '' -- cat", ["--ssh-command"]),
+    ("rx 1 --sink cat", ["--sink", "ssh-rx"]),
+    ("ssh-rx", ["tx --ssh"]),
+    ("rx 1 --ssh h -- cat", ["rx", "tx"]),
+])
+def test_tx_ssh_usage_errors(argv: str, words: list[str],
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err, fake = run_main(shlex.split(argv), capsys)
+    assert code == ExitCode.USAGE and out == "" and fake.configs == []
+    assert len(err.splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+
+
+def test_ssh_rx_reads_a_key_of_64_hex_digits_from_stdin() -> None:
+    import io
+
+    from viamillipede.sshmode import read_key
+
+    assert read_key(io.BytesIO(b"ab" * 32 + b"\n")) == bytes([0xAB]) * 32
+    for bad in (b"", b"\n", b"ab" * 31 + b"\n", b"zz" * 32 + b"\n"):
+        with pytest.raises(cli.UsageError, match="started by tx --ssh"):
+            read_key(io.BytesIO(bad))
 
 
 # -- help and version ------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def test_every_option_of_the_help_is_on_the_page() -> None:
 
 def test_parse_help_finds_the_parts() -> None:
     parsed = manpage.parse_help(HELP)
-    assert len(parsed.usage) == 2
+    assert len(parsed.usage) == 3  # rx, tx, tx --ssh
     assert all(line.startswith("viamillipede ") for line in parsed.usage)
     assert parsed.description.startswith("Carry a Unix pipe")
     assert [s.key for s in parsed.sections] == [

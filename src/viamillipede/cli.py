@@ -11,21 +11,23 @@ import dataclasses
 import logging
 import os
 import re
+import shlex
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import ExitCode, LocalIOError, UsageError, ViamillipedeError, cannot_resolve
 
 if TYPE_CHECKING:
+    from .api import ServerWrapper
     from .chaos import ChaosScheduler
     from .monitor import Reporting
     from .ratelimit import RateLimitedSink, RateLimitedSource, TokenBucket
     from .receiver import Receiver
-    from .stats import Report
+    from .stats import Report, TransferStats
     from .transmitter import Transmitter
 from .options import (
     DEFAULT_CHECKPHRASE,
@@ -49,6 +51,7 @@ CHECKPHRASE_ENV = "VIAMILLIPEDE_CHECKPHRASE"
 HELP = f"""\
 usage: {PROG} rx PORT [options]
        {PROG} tx HOST PORT [tx HOST PORT ...] [options]
+       {PROG} tx --ssh [USER@]HOST [--via ADDR ...] [options] -- COMMAND
 
 Carry a Unix pipe across the network over many parallel TCP connections.  The
 receiver writes the stream to stdout complete and in order; chunks are re-sent
@@ -56,7 +59,14 @@ over other connections when one breaks, and nothing but the stream is ever
 written to stdout.
 
 Examples:
-  # on the receiving host (start it first, or within the timeout):
+  # one command: ssh starts the receiver on backup1 with a fresh key, the
+  # stream goes over parallel encrypted TCP connections into zfs recv there:
+  zfs send pool/fs@snap | {PROG} tx --ssh backup1 -- zfs recv -F tank/fs
+  #   the same to a file, through a second address of backup1, ssh on port 2222:
+  zfs send pool/fs@snap | {PROG} tx --ssh root@backup1 --via 10.9.0.2 \\
+      --ssh-command 'ssh -p 2222' -- 'cat > /backup/fs.zsend'
+  # or start each end yourself; on the receiving host (first, or within the
+  # timeout):
   {PROG} rx 8834 | zfs recv tank/fs
   # on the sending host, over two links in preference order, 8 connections:
   zfs send pool/fs@snap | {PROG} tx backup1 8834 tx backup1-10g 8834 threads 8
@@ -77,6 +87,19 @@ Words (the original grammar, any order) and their --flag spellings:
                                          links, preferred first; a target named
                                          twice gets twice the connections; every
                                          HOST must resolve at start (else exit 2)
+  tx --ssh [USER@]HOST ... -- COMMAND    start the receiver on HOST through ssh with
+                                         COMMAND (run by the remote shell, as ssh
+                                         runs it) as its output; its output, messages
+                                         and failure come back here; a fresh random
+                                         key per session, handed over on ssh's stdin
+                      --via ADDR         another address of HOST, in preference order
+                                         after HOST's own (like repeated tx targets)
+                      --ssh-command CMD  how to run ssh (default ssh), split like a
+                                         shell would: --ssh-command 'ssh -p 2222 -i k'
+  --remote-viamillipede PATH             viamillipede on HOST (default: the one
+                                         on its PATH)
+                      --port P           the port the remote end listens on
+                                         (default: any free one)
   threads N           --threads N        parallel connections, 1-{MAX_THREADS}
                                          (default {DEFAULT_THREADS})
   checksum            --checksum         XXH3 on every chunk, checked before it is
@@ -140,9 +163,10 @@ Signals:
 Exit status:
   0 success: every byte written and confirmed     5 stream ended early / totals differ
   2 bad command line, or an unknown host name     6 local input or output failed
-  3 peer rejected (phrase/key, plaintext, session) 7 the peer aborted (e.g. its output failed)
+  3 peer rejected (phrase/key, plaintext, session) 7 the peer aborted, or --ssh COMMAND failed
   4 no progress within the timeout                8 protocol violation
-  1 cannot listen (port in use), or other       130 interrupted (Ctrl-C, SIGTERM)
+  1 cannot listen (port in use), or other         9 --ssh: ssh failed or the channel was lost
+130 interrupted (Ctrl-C, SIGTERM)
 """
 
 
@@ -171,6 +195,14 @@ class Config:
     timeout: float = DEFAULT_TIMEOUT
     limit: float | None = None
     retry_resolve: bool = False
+    #: tx --ssh: where to start the receiver, and how
+    ssh: str | None = None
+    via: list[str] = field(default_factory=list)
+    ssh_command: str = "ssh"
+    remote_viamillipede: str = "viamillipede"
+    remote_command: list[str] = field(default_factory=list)
+    #: ssh-rx (started by tx --ssh): the remote shell command the stream goes to
+    sink: str | None = None
 
 
 def _int(word: str, value: str, low: int, high: int) -> int:
@@ -321,6 +353,10 @@ class _Words:
         self._i += 1
         return word
 
+    def rest(self) -> list[str]:
+        rest, self._i = self._argv[self._i :], len(self._argv)
+        return rest
+
     def peek(self) -> str | None:
         return self._argv[self._i] if self else None
 
@@ -380,6 +416,28 @@ def parse(argv: Sequence[str]) -> Config | str:
                 raise UsageError("rx can be given only once")
             rx_seen = True
             cfg.port = _port("rx", arg("a PORT"))
+        elif word == "tx" and (words.peek() == "--ssh" or (inline is None and str(
+                words.peek()).startswith("--ssh="))):
+            set_mode("tx")  # tx --ssh HOST: the target is the receiver ssh starts
+        elif raw == "--ssh":
+            set_mode("tx")
+            cfg.ssh = arg("[USER@]HOST")
+        elif raw == "--via":
+            cfg.via.append(arg("an address of the ssh host").strip("[]"))
+        elif raw == "--ssh-command":
+            cfg.ssh_command = arg("a command, like 'ssh -p 2222'")
+            if not shlex.split(cfg.ssh_command):
+                raise UsageError("--ssh-command needs a command, like 'ssh -p 2222'")
+        elif raw == "--remote-viamillipede":
+            cfg.remote_viamillipede = arg("a path")
+        elif raw == "--port":
+            cfg.port = _port("--port", arg("a PORT"))
+        elif raw == "--" and inline is None:
+            cfg.remote_command = words.rest()
+        elif word == "ssh-rx":
+            set_mode("ssh-rx")
+        elif raw == "--sink":
+            cfg.sink = arg("a command")
         elif word == "tx":
             set_mode("tx")
             if inline is not None and ":" in inline:
@@ -448,12 +506,36 @@ def parse(argv: Sequence[str]) -> Config | str:
         raise UsageError("retry-resolve goes with tx")
     if cfg.limit is not None:
         _fit_chunks_to_limit(cfg, chunk_given)
+    _check_ssh(cfg, phrase_given)
     if cfg.chaos is None and (cfg.chaos_rate is not None or cfg.chaos_faults is not None):
         raise UsageError("--chaos-rate and --chaos-faults need chaos SEED")
     if cfg.chaos_faults and "corrupt" in cfg.chaos_faults and cfg.plaintext and not cfg.checksum:
         raise UsageError("chaos fault 'corrupt' in plaintext needs checksum, or the output will "
                          "be damaged")
     return cfg
+
+
+def _check_ssh(cfg: Config, phrase_given: bool) -> None:
+    if cfg.ssh is None:
+        for given, what in ((cfg.via, "--via"), (cfg.remote_command, "a command after --"),
+                            (cfg.ssh_command != "ssh", "--ssh-command"),
+                            (cfg.remote_viamillipede != "viamillipede", "--remote-viamillipede"),
+                            (cfg.port and cfg.mode == "tx", "--port")):
+            if given:
+                raise UsageError(f"{what} goes with tx --ssh HOST")
+        if cfg.mode == "ssh-rx" and cfg.sink is None:
+            raise UsageError("ssh-rx is started by tx --ssh (it needs --sink)")
+        if cfg.sink is not None and cfg.mode != "ssh-rx":
+            raise UsageError("--sink goes with ssh-rx")
+        return
+    if cfg.targets:
+        raise UsageError("give tx --ssh HOST or tx HOST PORT, not both")
+    if not cfg.remote_command:
+        raise UsageError("tx --ssh HOST needs the remote command after --, like "
+                         "-- zfs recv tank/fs, or -- 'cat > /backup/fs.zsend'")
+    if cfg.key is not None or phrase_given or cfg.plaintext:
+        raise UsageError("tx --ssh makes a fresh key for every session: no checkphrase, key "
+                         "or plaintext")
 
 
 #: At a limited rate a chunk should take at most this share of the timeout: each end counts a
@@ -501,7 +583,12 @@ def _setup_logging(cfg: Config) -> logging.Logger:
     return root
 
 
-def _run(cfg: Config, log: logging.Logger) -> None:
+def _run(cfg: Config, log: logging.Logger, *, output_fd: int | None = None,
+         listening: Callable[[int], None] | None = None,
+         until: Callable[[Reporting], Coroutine[Any, Any, None]] | None = None) -> None:
+    """The session the command line asks for.  ``tx --ssh``'s remote end (sshmode) gives the
+    receiver another output, is told its port once it listens, and has ``until`` watch the
+    session (which it aborts when its ssh channel closes)."""
     # Imported here: the import of trio/anyio costs ~0.1 s that --help should not pay.  The
     # garbage collector would walk the growing heap of fresh modules several times over
     # (~10 ms); afterwards, frozen, it never looks at those long-lived objects again.
@@ -511,7 +598,7 @@ def _run(cfg: Config, log: logging.Logger) -> None:
     import anyio
     import trio  # noqa: F401  # the backend anyio.run is given below: imported in this window
 
-    from .api import serve_tcp, tcp_transmitter
+    from .api import tcp_transmitter
     from .framing import first_error
     from .monitor import NOTE, RateMeter, known_size, show_progress, watch_signals
     from .ratelimit import limit_sink, limit_source
@@ -530,7 +617,8 @@ def _run(cfg: Config, log: logging.Logger) -> None:
         session: Receiver | Transmitter
         bucket: TokenBucket | None = None
         if cfg.mode == "rx":
-            sink = FdSink(sys.stdout.fileno(), preallocate=PREALLOCATE_AHEAD)
+            sink = FdSink(sys.stdout.fileno() if output_fd is None else output_fd,
+                          preallocate=PREALLOCATE_AHEAD)
             out: FdSink | RateLimitedSink = sink
             if cfg.limit is not None:
                 out = limit_sink(sink, cfg.limit)
@@ -543,8 +631,8 @@ def _run(cfg: Config, log: logging.Logger) -> None:
             session = Receiver(out, checkphrase=cfg.checkphrase, key=cfg.key,
                                plaintext=cfg.plaintext, idle_timeout=cfg.timeout)
             size = cfg.size
-            run = serve_tcp(session, cfg.port, host=cfg.listen,
-                            wrap=chaos.receiver_wrapper() if chaos else None)
+            run = _serve(session, cfg.port, cfg.listen,
+                         chaos.receiver_wrapper() if chaos else None, listening)
             close = sink.aclose
         else:
             source = FdSource(sys.stdin.fileno())
@@ -568,6 +656,8 @@ def _run(cfg: Config, log: logging.Logger) -> None:
                     tg.start_soon(watch_signals, watched, cfg.verbose, meter)
                     if cfg.progress:
                         tg.start_soon(show_progress, watched.report, size, meter)
+                    if until is not None:
+                        tg.start_soon(until, session)
                     stats = await run
                     tg.cancel_scope.cancel()
         finally:
@@ -589,6 +679,26 @@ def _run(cfg: Config, log: logging.Logger) -> None:
             log.log(NOTE, "chaos seed %d injected %s", cfg.chaos, counts or "no faults")
         if cfg.stats_json:
             _write_json(cfg, reports, chaos, error)
+
+
+async def _serve(session: Receiver, port: int, host: str | None, wrap: ServerWrapper | None,
+                 listening: Callable[[int], None] | None) -> TransferStats:
+    """serve_tcp, telling ``listening`` the port once it listens."""
+    import anyio
+
+    from .api import serve_tcp
+
+    if listening is None:
+        return await serve_tcp(session, port, host=host, wrap=wrap)
+    result: list[TransferStats] = []
+
+    async def serve(*, task_status: anyio.abc.TaskStatus[int]) -> None:
+        result.append(await serve_tcp(session, port, host=host, wrap=wrap,
+                                      task_status=task_status))
+
+    async with anyio.create_task_group() as tg:
+        listening(await tg.start(serve))
+    return result[0]
 
 
 class _WithLimit:
@@ -678,6 +788,14 @@ def check_names(cfg: Config, resolve: Resolver = _resolve) -> None:
     ``retry-resolve``) or a ``--listen`` address that does not resolve is a bad command line,
     reported at once rather than after the timeout."""
     if cfg.mode == "tx" and not cfg.retry_resolve:
+        if cfg.ssh is not None:
+            from .sshmode import target_host
+
+            for host in (target_host(cfg.ssh), *cfg.via):
+                try:
+                    resolve(host, 1, False)
+                except OSError as exc:
+                    raise cannot_resolve(host, exc, "(the data connections go there)") from exc
         for host, port in dict.fromkeys(cfg.targets):
             try:
                 resolve(host, port, False)
@@ -711,6 +829,13 @@ def main(argv: Sequence[str] | None = None, *, run: Callable[[Config, logging.Lo
         if parsed.mode == "keygen":
             assert parsed.keygen is not None
             write_key(parsed.keygen)
+            return 0
+        if parsed.ssh is not None or parsed.mode == "ssh-rx":
+            from . import sshmode
+
+            if parsed.mode == "ssh-rx":
+                return sshmode.run_remote(parsed, log, run)
+            sshmode.run_local(parsed, log, run)
             return 0
         run(parsed, log)
     except (ViamillipedeError, OSError, KeyboardInterrupt) as exc:

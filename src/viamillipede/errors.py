@@ -23,6 +23,7 @@ class ExitCode(IntEnum):
     LOCAL_IO = 6
     REMOTE_FAILED = 7
     PROTOCOL = 8
+    SSH = 9
     INTERRUPTED = 130
 
 
@@ -90,6 +91,19 @@ class ProtocolViolation(ViamillipedeError):
     """The peer broke the protocol, or is not a viamillipede peer at all."""
 
     exit_code = ExitCode.PROTOCOL
+
+
+class SshFailed(ViamillipedeError):
+    """``tx --ssh``: ssh could not start the remote end (refused, unknown host, no or an old
+    viamillipede there), or the ssh channel was lost."""
+
+    exit_code = ExitCode.SSH
+
+
+class RemoteCommandFailed(ViamillipedeError):
+    """``tx --ssh``: the stream arrived, but the remote command it went to failed."""
+
+    exit_code = ExitCode.REMOTE_FAILED
 
 
 class Interrupted(ViamillipedeError):

@@ -162,6 +162,8 @@ def _exit_codes(lines: tuple[str, ...]) -> list[tuple[int, str]]:
     for line in lines:
         starts = [m for m in re.finditer(r"(?<!\S)(\d+) (?=\S)", line)
                   if int(m.group(1)) in known]
+        if not starts:
+            continue  # a line without an entry of its own
         for m, nxt in zip(starts, [*starts[1:], None], strict=True):
             end = nxt.start() if nxt else len(line)
             entries.append((int(m.group(1)), line[m.end():end].strip()))
