@@ -102,7 +102,7 @@ def split_vm_args(text: str) -> tuple[list[str], list[str]]:
 
 
 def build_variants(args: argparse.Namespace, ssh_command: list[str], destination: str,
-                   vm: list[str]) -> list[Variant]:
+                   vm: list[str], key_file: Path) -> list[Variant]:
     variants = [
         Variant(
             "ssh" if len(args.cipher) == 1 else f"ssh {cipher}",
@@ -124,6 +124,17 @@ def build_variants(args: argparse.Namespace, ssh_command: list[str], destination
                 [*vm, "tx", "127.0.0.1", "{port}", *tx_extra],
             )
         )
+    # tx --ssh: the receiver is started through the sshd, with a fresh key per session; and
+    # what it is measured against: the same session with a key file, both ends started by hand.
+    remote_vm = vm[-1] if len(vm) == 1 else shlex.join(vm)
+    variants.append(Variant(
+        "viamillipede --ssh", "viamillipede", None,
+        [*vm, "tx", "--ssh", destination, "--ssh-command", shlex.join(ssh_command),
+         "--remote-viamillipede", remote_vm, "--", "cat > /dev/null"]))
+    variants.append(Variant(
+        "viamillipede key file", "viamillipede",
+        [*vm, "rx", "{port}", "--listen", "127.0.0.1", "key", str(key_file)],
+        [*vm, "tx", "127.0.0.1", "{port}", "key", str(key_file)]))
     return variants
 
 
@@ -265,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     variants: list[Variant] = []
     try:
         with sshd_lab(parent_dir=workdir) as sshd:
-            variants = build_variants(args, sshd.ssh_command, sshd.destination, vm)
+            key_file = workdir / "bench.key"
+            subprocess.run([*vm, "keygen", str(key_file)], check=True)
+            variants = build_variants(args, sshd.ssh_command, sshd.destination, vm, key_file)
             t = time.perf_counter()
             sha = make_input(input_path, args.size)
             if not args.quiet:
@@ -275,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             ports = PortPool(args.port)
 
             def one(v: Variant, rnd: int) -> Run:
-                port = ports.take() if v.rx is not None else sshd.port
+                port = ports.take() if v.kind != "ssh" else sshd.port
                 return run_once(v, rnd, port, input_path, workdir, args)
 
             return interleave_and_report(
