@@ -346,21 +346,36 @@ def test_chunks_written_or_held_are_acknowledged_again() -> None:
     assert core.buffers == 1 == len(core.reorder)
 
 
-def test_a_second_copy_may_not_take_the_reserve() -> None:
-    """A re-sent chunk whose first copy is still on its way gets a buffer only while fewer
-    than ``window`` are in use; the rest are for first copies of the chunks that follow."""
+def test_second_copies_take_the_reserve_and_no_more() -> None:
+    """Copies of chunks whose first copy is still on its way get buffers from the reserve, at
+    most EXTRA_BUFFERS at once: the first copies of the chunks that follow still fit."""
     core = bound_core()
     assert core.data(0, CHUNK) is Claim.RECEIVE
-    for _ in range(WINDOW - 1):  # more copies of chunk 0: room until window buffers
+    for _ in range(EXTRA_BUFFERS):  # re-sends of chunk 0: the reserve
         assert core.data(0, CHUNK) is Claim.RECEIVE
-    assert core.buffers == WINDOW
-    assert core.data(0, CHUNK) is Claim.DISCARD  # the reserve is not for it
-    assert core.data(1, CHUNK) is Claim.RECEIVE  # but is for the next chunk's first copy
+    assert core.data(0, CHUNK) is Claim.DISCARD  # no more than the reserve
+    for seq in range(1, WINDOW):  # but every first copy of the window still fits
+        assert core.data(seq, CHUNK) is Claim.RECEIVE
+    assert core.buffers == WINDOW + EXTRA_BUFFERS == core.max_buffers
     core.abandoned(0)
-    core.abandoned(0)
-    assert core.buffers == WINDOW - 1
     assert core.data(0, CHUNK) is Claim.RECEIVE  # room again
     assert core.data(0, CHUNK) is Claim.DISCARD
+
+
+def test_the_resend_of_the_awaited_chunk_gets_through_a_full_window() -> None:
+    """The window is full: chunk 0's first copy is stuck on a link that died without a reset,
+    every other chunk is stored.  Its re-send on a live link must get a buffer, or the session
+    waits until the dead socket times out (half a minute)."""
+    core = bound_core()
+    assert core.data(0, CHUNK) is Claim.RECEIVE  # stuck
+    for seq in range(1, WINDOW):
+        deliver(core, seq)
+    assert core.buffers == WINDOW
+    assert core.data(0, CHUNK) is Claim.RECEIVE  # the re-send
+    assert core.received(0, "chunk 0") is Claim.RECEIVE
+    assert write_ready(core) == WINDOW
+    core.abandoned(0)  # the stuck copy's socket times out at last
+    assert core.buffers == 0
 
 
 def test_the_hard_bound_holds_even_for_first_copies() -> None:
@@ -769,7 +784,8 @@ class RxSession(RuleBasedStateMachine):
             assert seq >= written and not held and not direct
             assert core.state is not RxState.SUCCEEDED
             assert core.buffers == before + 1 <= RX_WINDOW + EXTRA_BUFFERS
-            assert not on_way or before < RX_WINDOW, "a second copy took the reserve"
+            assert not on_way or self._second_copies() < EXTRA_BUFFERS, (
+                "second copies beyond the reserve")
             self.copies[self.next_id] = Copy(seq, length, legit)
             self.next_id += 1
             return
@@ -779,7 +795,13 @@ class RxSession(RuleBasedStateMachine):
             assert not direct, "a copy of the chunk going direct was acknowledged"
             self._ack(seq, legit=legit)
         else:
-            assert direct or before >= (RX_WINDOW if on_way else RX_WINDOW + EXTRA_BUFFERS)
+            assert direct or before >= RX_WINDOW + EXTRA_BUFFERS or (
+                on_way and self._second_copies() >= EXTRA_BUFFERS)
+
+    def _second_copies(self) -> int:
+        """Copies on their way beyond the first of each chunk."""
+        seqs = [c.seq for c in self.copies.values()]
+        return len(seqs) - len(set(seqs))
 
     def _believable(self, bye: Bye) -> bool:
         """No fewer chunks than written, none beyond the window, none missing below it, and

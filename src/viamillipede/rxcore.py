@@ -41,9 +41,10 @@ from .wire.secure import SEAL_OVERHEAD, SessionKeys
 
 T = TypeVar("T")
 
-#: Buffers beyond the window, so that a chunk arriving again while its first copy is still being
-#: received (a re-send after a stall) cannot crowd out the chunks that follow it.  Copies beyond
-#: the bound are read into scratch and dropped.
+#: Buffers beyond the window, for chunks arriving again while their first copy is still being
+#: received (a re-send after a stall): they neither crowd out the chunks that follow nor wait
+#: for a first copy stuck on a dead link.  Copies beyond the bound are read into scratch and
+#: dropped.
 EXTRA_BUFFERS = 4
 
 #: The most connections one session may have (connection numbers 0 .. MAX_CONNECTIONS-1).
@@ -235,16 +236,22 @@ class ReceiverCore(Generic[T]):
             return Claim.DISCARD  # acknowledged once the copy on its way to the sink is out
         if seq < written or self.reorder.holds(seq):
             return Claim.DISCARD_ACK
-        # A second copy of a chunk on its way may not take the reserve that first copies
-        # need; past the hard bound even a first copy is dropped, unacknowledged, and comes
-        # again once its connection is found stalled.
-        room = self.max_buffers - (EXTRA_BUFFERS if seq in self._receiving else 0)
-        if self.buffers >= room:
+        # First copies fit in the window and copies of a chunk whose first copy is still on
+        # its way (a re-send after a stall) in the reserve, at most EXTRA_BUFFERS of them at
+        # once: so the re-send of the chunk everything waits for gets a buffer even when the
+        # window is full because its first copy is stuck on a dead link.  Past the hard bound
+        # even a first copy is dropped, unacknowledged, and comes again once its connection
+        # is found stalled.
+        if self.buffers >= self.max_buffers or (
+                seq in self._receiving and self._second_copies() >= EXTRA_BUFFERS):
             return Claim.DISCARD
         self._receiving[seq] = self._receiving.get(seq, 0) + 1
         self.buffers += 1
         self.peak_buffers = max(self.peak_buffers, self.buffers)
         return Claim.RECEIVE
+
+    def _second_copies(self) -> int:
+        return sum(copies - 1 for copies in self._receiving.values())
 
     def received(self, seq: int, item: T) -> Claim:
         """A claimed chunk arrived whole.  RECEIVE: it is filed.  DISCARD_ACK: another copy
