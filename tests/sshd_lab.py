@@ -8,14 +8,18 @@
 
 ``sshd_lab()`` makes a temporary directory holding a fresh ed25519 host key, a fresh user key
 (no passphrase), an ``authorized_keys`` with that user key and a minimal ``sshd_config``;
-starts ``sshd -D -e -f CONFIG`` listening on 127.0.0.1 only, on a port the kernel picked as
-free; waits until it greets (and, by default, until one ``ssh ... true`` has logged in); and
-yields an :class:`Sshd`.  On exit it kills that sshd and every session it started, and removes
-the directory.  Nothing on the machine is touched but ``/run/sshd`` (sshd's privilege
-separation directory, created if missing when running as root).
+starts ``sshd -D -e -f CONFIG`` listening on 127.0.0.1 only (or ``host``), on a port the
+kernel picked as free; waits until it greets (and, by default, until one ``ssh ... true`` has
+logged in); and yields an :class:`Sshd`.  On exit it kills that sshd and every session it
+started, and removes the directory.  Nothing on the machine is touched but ``/run/sshd``
+(sshd's privilege separation directory, created if missing when running as root).
 
 Logging in needs sshd to run as the user it logs in (the current user by default): as root,
 it logs in root (``PermitRootLogin prohibit-password``); as anyone else, only that user.
+
+``prefix`` runs sshd under a command, e.g. ``["ip", "netns", "exec", NS]`` with ``host`` an
+address in namespace NS: sshd then listens inside NS, and the greeting and the login that check
+it are made from inside NS too (a client elsewhere must be able to reach ``host`` itself).
 
 Importing this module has no side effects.  Run as a script it starts a lab and prints the ssh
 command line, until Ctrl-C.
@@ -121,10 +125,10 @@ def _keygen(path: Path, comment: str) -> None:
 
 
 def _config(
-    d: Path, port: int, user: str, extra: Sequence[str], penalties: bool
+    d: Path, port: int, user: str, extra: Sequence[str], penalties: bool, host: str = HOST
 ) -> str:
     lines = [
-        f"ListenAddress {HOST}",
+        f"ListenAddress {host}",
         f"Port {port}",
         f"HostKey {d / 'host_ed25519'}",
         f"PidFile {d / 'sshd.pid'}",
@@ -157,10 +161,25 @@ def _check_config(sshd: str, config: Path) -> str:
     return "" if p.returncode == 0 else (p.stderr or p.stdout).strip() or f"exit {p.returncode}"
 
 
-def _greets(port: int, timeout: float) -> bool:
-    """True once sshd on ``port`` accepts a connection and sends its ``SSH-`` banner."""
+#: _greets from under a prefix (in another network namespace): exit 0 if sshd greets.
+_GREETS = ("import socket, sys\n"
+           "s = socket.create_connection((sys.argv[1], int(sys.argv[2])), float(sys.argv[3]))\n"
+           "sys.exit(0 if s.recv(4).startswith(b'SSH-') else 1)\n")
+
+
+def _greets(port: int, timeout: float, host: str = HOST, prefix: Sequence[str] = ()) -> bool:
+    """True once sshd on ``port`` accepts a connection and sends its ``SSH-`` banner; with a
+    ``prefix``, asked by a short Python run under it (where sshd's ``host`` is reachable)."""
+    if prefix:
+        try:
+            return subprocess.run(
+                [*prefix, sys.executable, "-c", _GREETS, host, str(port), str(timeout)],
+                stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout + 10,
+            ).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
     try:
-        with socket.create_connection((HOST, port), timeout=timeout) as s:
+        with socket.create_connection((host, port), timeout=timeout) as s:
             return s.recv(4).startswith(b"SSH-")
     except OSError:
         return False
@@ -216,12 +235,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _launch(
-    sshd: str, conf: Path, log: Path, port: int, timeout: float
+    sshd: str, conf: Path, log: Path, port: int, timeout: float, host: str = HOST,
+    prefix: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[bytes] | None, str]:
     """(sshd, '') once it greets on ``port``; else (None, why not), nothing left running."""
     with open(log, "ab") as err:
         proc = subprocess.Popen(
-            [sshd, "-D", "-e", "-f", str(conf)],
+            [*prefix, sshd, "-D", "-e", "-f", str(conf)],
             stdin=subprocess.DEVNULL,
             stdout=err,
             stderr=err,
@@ -229,7 +249,7 @@ def _launch(
         )
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
-        if _greets(port, 1.0):
+        if _greets(port, 1.0, host, prefix):
             return proc, ""
         time.sleep(0.02)
     _stop(proc)
@@ -250,14 +270,19 @@ def sshd_lab(
     parent_dir: str | Path | None = None,
     startup_timeout: float = 10.0,
     verify: bool = True,
+    host: str = HOST,
+    prefix: Sequence[str] = (),
 ) -> Iterator[Sshd]:
-    """Start a throwaway sshd on 127.0.0.1 (see the module's docstring); yield it.
+    """Start a throwaway sshd on 127.0.0.1 or ``host`` (see the module's docstring); yield it.
 
     ``user`` to log in (default: the current user, which is the only one a non-root sshd can
     log in), ``config`` extra sshd_config lines, ``sshd`` the binary (default: found on PATH or
     in /usr/sbin), ``parent_dir`` where the temporary directory goes.  ``verify`` logs in once
     (``ssh ... true``) before yielding, so that a lab that cannot log in fails here, with
-    sshd's log, instead of in the caller.  Raises :class:`SshdLabError`."""
+    sshd's log, instead of in the caller.  ``host``: the one address sshd listens on;
+    ``prefix``: a command sshd runs under, which must exec it (``ip netns exec NS``: then the
+    yielded ``pid`` is sshd's); the greeting and the login that check it run under it too.
+    Raises :class:`SshdLabError`."""
     sshd = sshd or find_sshd()
     if sshd is None:
         raise SshdLabError("sshd not found (Debian: apt-get install openssh-server)")
@@ -279,25 +304,25 @@ def sshd_lab(
         port, why = 0, ""
         for _attempt in range(5):  # another process may take the free port before sshd does
             port = _free_port()
-            conf.write_text(_config(d, port, user, config, penalties))
+            conf.write_text(_config(d, port, user, config, penalties, host))
             why = _check_config(sshd, conf)
             if why and penalties and "PerSourcePenalties" in why:
                 penalties = False  # older than 9.8: it does not know the option
-                conf.write_text(_config(d, port, user, config, penalties))
+                conf.write_text(_config(d, port, user, config, penalties, host))
                 why = _check_config(sshd, conf)
             if why:
                 raise SshdLabError(f"sshd -t rejects {conf}: {why}")
-            proc, why = _launch(sshd, conf, log, port, startup_timeout)
+            proc, why = _launch(sshd, conf, log, port, startup_timeout, host, prefix)
             if proc is not None or "Address already in use" not in why:
                 break
         key = d / "id_ed25519"
-        lab = Sshd(HOST, port, user, d, key, proc.pid if proc else -1,
+        lab = Sshd(host, port, user, d, key, proc.pid if proc else -1,
                    ["ssh", "-p", str(port), "-i", str(key), *CLIENT_OPTIONS])
         if proc is None:
             raise SshdLabError(f"{why}\n{lab.log_tail()}")
         if verify:
             p = subprocess.run(
-                lab.command("true"),
+                [*prefix, *lab.command("true")],
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 text=True,
