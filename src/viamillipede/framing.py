@@ -38,6 +38,12 @@ def first_error() -> Iterator[None]:
         raise error  # noqa: B904  # not "from None": that would erase its __cause__
 
 
+def why(exc: BaseException) -> str:
+    """An exception as the end of a log line: anyio's broken and closed streams carry no
+    message, and "broke: " with nothing after it says nothing."""
+    return str(exc) or f"{type(exc).__name__} (the other end went away)"
+
+
 def leaves(exc: BaseException) -> Iterator[BaseException]:
     """Every exception inside ``exc``, however deeply grouped."""
     if isinstance(exc, BaseExceptionGroup):

@@ -36,7 +36,7 @@ from .errors import (
     TruncatedStream,
     ViamillipedeError,
 )
-from .framing import STREAM_ERRORS, BufferPool, FrameReader, Notifier, first_error
+from .framing import STREAM_ERRORS, BufferPool, FrameReader, Notifier, first_error, why
 from .keying import AuthFailed, rx_attempt
 from .monitor import NOTE, Reminder
 from .options import (
@@ -380,7 +380,7 @@ class Receiver:
         except (LinkBroken, *STREAM_ERRORS) as exc:
             # Once the session is over, peers hanging up on us is expected, not news.
             level = logging.DEBUG if self._complete.is_set() else logging.WARNING
-            log.log(level, "connection from %s broke: %s", name, exc)
+            log.log(level, "connection from %s broke: %s", name, why(exc))
         except TamperedFrame as exc:
             try:
                 self.tampered(f"dropped connection from {name}: {exc}")
@@ -682,7 +682,7 @@ class _Connections:
             await conn.sender(lambda: self.rx._core.reorder.written)
         except STREAM_ERRORS as exc:
             level = logging.DEBUG if self.rx._complete.is_set() else logging.WARNING
-            log.log(level, "connection %d from %s broke: %s", conn.index, conn.name, exc)
+            log.log(level, "connection %d from %s broke: %s", conn.index, conn.name, why(exc))
             conn.closed = True
             scope.cancel()
 

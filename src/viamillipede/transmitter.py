@@ -33,7 +33,7 @@ from .errors import (
     RemoteFailure,
     ViamillipedeError,
 )
-from .framing import STREAM_ERRORS, FrameReader, Notifier, first_error
+from .framing import STREAM_ERRORS, FrameReader, Notifier, first_error, why
 from .keying import AuthFailed, TxKeying
 from .monitor import NOTE, Reminder
 from .options import (
@@ -347,7 +347,8 @@ class Transmitter:
                     await done.wait()
                 if done.is_set():
                     return
-                log.warning("%s broke: %s; its chunks went to the other connections", name, exc)
+                log.warning("%s broke: %s; its chunks went to the other connections", name,
+                            why(exc))
 
 
 class _Shared:
