@@ -311,9 +311,13 @@ class Transmitter:
         connected = False
         while True:
             link.state, link.next_try = "connecting", None
+            held = await _Held.exchange(self._shared)
             try:
                 stream = await self._connect(conn)
-            except ConnectFailed as exc:
+            except BaseException as exc:
+                held.release()
+                if not isinstance(exc, ConnectFailed):
+                    raise
                 self._last_connect_error = str(exc)
                 self._trouble[target] = exc.reason
                 delay = backoff.next()
@@ -330,7 +334,7 @@ class Transmitter:
                                      lambda: self._trouble.pop(target, None))
             try:
                 async with stream:
-                    await connection.run(hello)
+                    await connection.run(hello, held)
                 return  # the session is over
             except LinkBroken as exc:
                 self._trouble[target] = str(exc)
@@ -349,6 +353,34 @@ class Transmitter:
                     return
                 log.warning("%s broke: %s; its chunks went to the other connections", name,
                             why(exc))
+
+
+class _Held:
+    """The key exchange, held by the connection that will run it (or nothing, for a join).
+
+    One connection at a time exchanges keys; the others wait for it *before* they connect:
+    a connection opened meanwhile would sit silent, and the receiver drops a connection that
+    says nothing for its handshake timeout, which a key exchange with a target that is not a
+    receiver takes to fail.  Released once, by whichever comes first: the handshake's end or
+    a failure to connect."""
+
+    def __init__(self, lock: anyio.Lock | None) -> None:
+        self._lock = lock
+
+    @classmethod
+    async def exchange(cls, shared: _Shared) -> _Held:
+        if shared.keying.keys is not None:
+            return cls(None)
+        await shared.key_exchange.acquire()
+        if shared.keying.keys is not None:  # another connection agreed them meanwhile
+            shared.key_exchange.release()
+            return cls(None)
+        return cls(shared.key_exchange)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 class _Shared:
@@ -454,18 +486,15 @@ class _Connection:
         self.progressed = False  # a useful ACK arrived here: reconnect quickly if it breaks
         self._tagger: Tagger | None = None
 
-    async def run(self, hello: Hello) -> None:
+    async def run(self, hello: Hello, held: _Held) -> None:
         """Returns once the session is over; raises LinkBroken to have the connection dropped
         (a broken stream, a stall, a frame the receiver had no business sending)."""
         shared, core, conn = self._shared, self._shared.core, self._conn
         reader = FrameReader(self._stream, Decoder.for_transmitter(), greedy=True)
-        handshake = None
-        if shared.keying.keys is None:
-            async with shared.key_exchange:  # the first to get it exchanges keys
-                if shared.keying.keys is None:
-                    handshake = await self._handshake(reader, hello)
-        if handshake is None:  # a join: the others that waited for the keys join at once too
+        try:  # with the key exchange held (no keys yet), or a join
             handshake = await self._handshake(reader, hello)
+        finally:
+            held.release()  # the others that waited for the keys join at once
         welcome, tagger = handshake
         self._tagger = tagger
         if welcome.status == WelcomeStatus.SESSION_OVER:
