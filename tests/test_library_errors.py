@@ -280,6 +280,8 @@ EXPORTED = {
     "RemoteFailure": ExitCode.REMOTE_FAILED,
     "ProtocolViolation": ExitCode.PROTOCOL,
     "Interrupted": ExitCode.INTERRUPTED,
+    "RemoteCommandFailed": ExitCode.REMOTE_FAILED,
+    "SshFailed": ExitCode.SSH,
 }
 
 
