@@ -108,6 +108,13 @@ def _mac(key: bytes, label: bytes, data: bytes) -> bytes:
     return hmac.new(key, label + data, hashlib.sha256).digest()
 
 
+def _check_length(peer: bytes) -> None:
+    """spake2 decodes a point from whatever follows the side byte, ignoring bytes past 32 and
+    taking fewer as a smaller number: a message of another length must not yield a key."""
+    if len(peer) != PAKE_SIZE:
+        raise AuthFailed(f"bad key exchange message: {len(peer)} bytes, not {PAKE_SIZE}")
+
+
 class PakeTx:
     """The transmitter's side of SPAKE2 (role A)."""
 
@@ -116,6 +123,7 @@ class PakeTx:
         self.message = self._s.start()
 
     def finish(self, peer: bytes) -> bytes:
+        _check_length(peer)
         try:
             return bytes(self._s.finish(peer))
         except (SPAKEError, NotOnCurve, ValueError) as exc:  # NotOnCurve: not a ValueError
@@ -130,6 +138,7 @@ class PakeRx:
         self.message = self._s.start()
 
     def finish(self, peer: bytes) -> bytes:
+        _check_length(peer)
         try:
             return bytes(self._s.finish(peer))
         except (SPAKEError, NotOnCurve, ValueError) as exc:  # NotOnCurve: not a ValueError
