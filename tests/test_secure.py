@@ -162,6 +162,8 @@ def test_different_secret_fails_at_the_proof(tx_pw: bytes, rx_pw: bytes) -> None
     with pytest.raises(AuthFailed):
         attempt.answer(rx.auth)
     assert keying.keys is None
+    with pytest.raises(AssertionError):  # the failed answer's keys cannot be adopted
+        attempt.welcomed()
     with pytest.raises(AuthFailed):
         rx.check(Auth(AuthKind.PAKE, proof=bytes(32)))
 

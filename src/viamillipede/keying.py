@@ -88,14 +88,18 @@ class TxAttempt:
         receiver cannot prove it holds the same phrase (or, joining, the session's keys)."""
         if rx_auth.kind != self.auth.kind:
             raise AuthFailed("the receiver answered another kind of handshake")
-        self._th = _th(self._hello, self.auth, rx_auth)
+        th = _th(self._hello, self.auth, rx_auth)
+        keys = self._keys
         if self._pake is not None:
             shared = self._pake.finish(rx_auth.pake)
-            self._keys = SessionKeys.derive(shared, self._keying._session_id, self.auth.nonce,
-                                            rx_auth.nonce)
-        assert self._keys is not None
-        check_proof(self._keys.prove_rx(self._th, join=self.joining), rx_auth.proof)
-        return Auth(self.auth.kind, proof=self._keys.prove_tx(self._th, join=self.joining))
+            keys = SessionKeys.derive(shared, self._keying._session_id, self.auth.nonce,
+                                      rx_auth.nonce)
+        assert keys is not None
+        check_proof(keys.prove_rx(th, join=self.joining), rx_auth.proof)
+        # Only keys the receiver has proved are kept: channel() and welcomed() cannot adopt
+        # the keys of an answer that failed.
+        self._keys, self._th = keys, th
+        return Auth(self.auth.kind, proof=keys.prove_tx(th, join=self.joining))
 
     def channel(self) -> Channel:
         """The connection's tags; the WELCOME is the first frame they check."""
