@@ -505,6 +505,19 @@ def test_tx_ssh_usage_errors(argv: str, words: list[str],
         assert word in err, err
 
 
+@pytest.mark.parametrize(("argv", "said"), [
+    ("tx --ssh nosuch.invalid -- cat", "cannot resolve the ssh host nosuch.invalid: "),
+    ("tx --ssh localhost --via nosuch.invalid -- cat",
+     "cannot resolve the --via address nosuch.invalid: "),
+])
+def test_tx_ssh_checks_that_the_data_addresses_resolve_before_ssh_starts(
+    argv: str, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err, fake = run_main(argv.split(), capsys, resolve=cli._resolve)
+    assert code == ExitCode.USAGE and fake.configs == []
+    assert err.startswith(f"viamillipede: {said}"), err
+
+
 def test_ssh_rx_reads_a_key_of_64_hex_digits_from_stdin() -> None:
     import io
 

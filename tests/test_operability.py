@@ -556,6 +556,13 @@ def test_exit_8_peer_is_not_viamillipede(procs: Procs, http_server: _FakeHttpSer
     assert load_stats(procs.dir / "tx.json")["exit_code"] == 8
 
 
+def test_exit_9_ssh_cannot_start_the_remote_end(procs: Procs) -> None:
+    """tx --ssh whose ssh cannot even run (tests/test_ssh.py has the rest, against an sshd)."""
+    tx = procs.start("tx", ["tx", "--ssh", "127.0.0.1", "--ssh-command", "/nonexistent/ssh",
+                            "--", "cat"], stdin=subprocess.DEVNULL)
+    one_error(tx, 9, "cannot run /nonexistent/ssh", timeout=20)
+
+
 @pytest.mark.parametrize(
     ("side", "signum"),
     [("tx", signal.SIGINT), ("tx", signal.SIGTERM), ("rx", signal.SIGINT)],

@@ -165,7 +165,7 @@ Exit status:
   2 bad command line, or an unknown host name     6 local input or output failed
   3 peer rejected (phrase/key, plaintext, session) 7 the peer aborted, or --ssh COMMAND failed
   4 no progress within the timeout                8 protocol violation
-  1 cannot listen (port in use), or other         9 --ssh: ssh failed or the channel was lost
+  1 cannot listen (port in use), or other         9 ssh failed (tx --ssh), or its channel was lost
 130 interrupted (Ctrl-C, SIGTERM)
 """
 
@@ -791,11 +791,13 @@ def check_names(cfg: Config, resolve: Resolver = _resolve) -> None:
         if cfg.ssh is not None:
             from .sshmode import target_host
 
-            for host in (target_host(cfg.ssh), *cfg.via):
+            # The data connections go to these addresses, not through ssh.
+            for host, what in ((target_host(cfg.ssh), "the ssh host"),
+                               *((via, "the --via address") for via in cfg.via)):
                 try:
                     resolve(host, 1, False)
                 except OSError as exc:
-                    raise cannot_resolve(host, exc, "(the data connections go there)") from exc
+                    raise cannot_resolve(host, exc, what) from exc
         for host, port in dict.fromkeys(cfg.targets):
             try:
                 resolve(host, port, False)
