@@ -158,6 +158,9 @@ def run_local(cfg: Config, log: logging.Logger, run_session: RunSession) -> None
     argv = [*shlex.split(cfg.ssh_command), destination, remote_command(cfg)]
     key = os.urandom(KEY_SIZE)
     log.info("starting the remote end: %s", shlex.join(argv))
+    # The session's modules load while ssh logs in (a fifth of a second, off the path).
+    preload = threading.Thread(target=_preload, daemon=True)
+    preload.start()
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
@@ -171,6 +174,7 @@ def run_local(cfg: Config, log: logging.Logger, run_session: RunSession) -> None
             proc.stdin.write(key.hex().encode() + b"\n")
             proc.stdin.flush()
         port = _await_port(proc, out, err, destination, cfg)
+        preload.join()
         # From now on the remote command's output and messages are the user's.
         said: list[bytes] = []  # the remote end's word that its command failed
         relays = [_relay(out, sys.stdout.fileno()), _relay(err, sys.stderr.fileno(), said)]
@@ -234,6 +238,13 @@ def _ssh_lost(proc: subprocess.Popen[bytes], destination: str, lost: list[str],
             session.abort(lost[0])
 
     return watch
+
+
+def _preload() -> None:
+    import anyio  # noqa: F401
+    import trio  # noqa: F401
+
+    from . import api, monitor, ratelimit, transmitter, transport  # noqa: F401
 
 
 def _await_port(proc: subprocess.Popen[bytes], out: _Lines, err: _Lines, destination: str,
