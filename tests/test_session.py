@@ -515,3 +515,38 @@ def test_a_slow_path_keeps_every_connection_to_its_share() -> None:
     part, as every flow adds capacity there."""
     shares = _spread(0.05)
     assert min(shares) > 0.15, shares
+
+
+# -- memory --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("plaintext", [False, True], ids=["sealed", "plaintext"])
+def test_buffers_come_from_pools_bounded_by_the_window_not_the_stream(plaintext: bool) -> None:
+    """Every chunk is read into, sealed in, received into and opened in pooled buffers: a
+    stream of 300 chunks makes no more buffers at either end than the window holds (plus the
+    connections' reserve), whatever its length."""
+    from viamillipede.rxcore import EXTRA_BUFFERS
+
+    chunk, threads = 16 * 1024, 4
+    data = os.urandom(300 * chunk)
+    made: dict[str, int] = {}
+
+    async def main() -> None:
+        net = MemoryNetwork()
+        sink = BufferSink()
+        rx = Receiver(sink, plaintext=plaintext)
+        tx = Transmitter(BytesSource(data), net.connect, threads=threads, chunk_size=chunk,
+                         plaintext=plaintext)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rx.serve, net)
+            await tx.run()
+            tg.cancel_scope.cancel()
+        assert bytes(sink.data) == data
+        made["tx"] = tx._shared.chunks.pool.made
+        made["window"] = tx._window
+        assert rx._pool is not None
+        made["rx"] = rx._pool.made
+
+    trio.run(main)
+    assert 0 < made["tx"] <= made["window"] + threads, made
+    assert 0 < made["rx"] <= made["window"] + EXTRA_BUFFERS, made

@@ -139,15 +139,19 @@ class FrameReader:
 class BufferPool:
     """Reuses chunk buffers: fresh 2 MiB allocations cost page faults on every chunk."""
 
-    __slots__ = ("_free", "_keep", "size")
+    __slots__ = ("_free", "_keep", "made", "size")
 
     def __init__(self, size: int, keep: int) -> None:
         self.size = size
         self._keep = keep
         self._free: list[bytearray] = []
+        self.made = 0  # buffers ever allocated: bounded by the window, not the stream
 
     def get(self) -> bytearray:
-        return self._free.pop() if self._free else bytearray(self.size)
+        if self._free:
+            return self._free.pop()
+        self.made += 1
+        return bytearray(self.size)
 
     def put(self, buf: bytearray) -> None:
         if len(self._free) < self._keep:
