@@ -648,7 +648,12 @@ class _Connections:
         welcome = await self._authenticate(conn, reader, hello, auth)
         if welcome is None:
             return
-        await conn.stream.send(encode(welcome, conn.tagger))
+        said = encode(welcome, conn.tagger)
+        if welcome.status == WelcomeStatus.SESSION_FAILED and self.rx._error is not None:
+            # Why, right behind it: the transmitter may have no other connection to hear it on.
+            error = self.rx._error
+            said += encode(Error(_error_code(error), str(error)), conn.tagger)
+        await conn.stream.send(said)
         if welcome.status == WelcomeStatus.SESSION_FAILED:
             return
         if welcome.status == WelcomeStatus.SESSION_OVER:

@@ -571,6 +571,13 @@ class _Connection:
         except ProtocolError as exc:
             raise LinkBroken(f"handshake: {exc}") from exc
         if isinstance(answer, Welcome) and answer.status == WelcomeStatus.SESSION_FAILED:
+            # The receiver says why right behind it (a tagged ERROR); an older one does not,
+            # but may still say it on the connections we have up.
+            with anyio.move_on_after(BEST_EFFORT_TIMEOUT):
+                with contextlib.suppress(*STREAM_ERRORS, ProtocolError):
+                    reason = await reader.next_event()
+                    if isinstance(reason, Error):
+                        raise remote_failure(reason)
             await self._shared.await_reason()
         welcome = check_welcome(answer, hello)
         attempt.welcomed()
