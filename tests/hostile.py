@@ -409,11 +409,12 @@ Behaviour = Callable[["Peer", Hello], Awaitable[None]]
 
 
 async def accept_handshake(peer: Peer, keys: dict[bytes, SessionKeys], *,
-                           phrase: bytes = CHECKPHRASE) -> Hello | None:
+                           phrase: bytes = CHECKPHRASE,
+                           status: WelcomeStatus = WelcomeStatus.ACCEPTED) -> Hello | None:
     """A receiver's side of one connection's handshake: read HELLO and AUTH, answer with
     ``phrase`` (or, for a join, with the session's keys, which ``keys`` holds by session id),
-    check the transmitter's proof and send a tagged WELCOME ACCEPTED echoing its session id
-    (``written`` 0).  Returns the HELLO, or None if the transmitter opened with anything else;
+    check the transmitter's proof and send a tagged WELCOME ``status`` (ACCEPTED) echoing its
+    session id (``written`` 0).  Returns the HELLO, or None if the transmitter opened with anything else;
     raises AuthFailed if its proof does not verify."""
     event = await peer.next_event()
     auth = await peer.next_event()
@@ -431,7 +432,7 @@ async def accept_handshake(peer: Peer, keys: dict[bytes, SessionKeys], *,
     keys[sid] = attempt.keys
     peer.decoder.checker = channel.checker
     peer.tagger = channel.tagger
-    await peer.send(Welcome(WelcomeStatus.ACCEPTED, sid, 0))
+    await peer.send(Welcome(status, sid, 0))
     return event
 
 

@@ -48,6 +48,7 @@ from hostile import (
     Outcome,
     Peer,
     ServedReceiver,
+    accept_handshake,
     complete_session,
     data_frame,
     data_header,
@@ -63,7 +64,13 @@ from hostile import (
 from procs import Procs, free_port, procs_fixture  # noqa: F401  (the ``procs`` fixture)
 from viamillipede import BytesSource, Receiver, TransferStats
 from viamillipede.api import send, tcp_transmitter
-from viamillipede.errors import PeerRejected, PeerTimeout, ProtocolViolation, ViamillipedeError
+from viamillipede.errors import (
+    PeerRejected,
+    PeerTimeout,
+    ProtocolViolation,
+    RemoteFailure,
+    ViamillipedeError,
+)
 from viamillipede.options import HANDSHAKE_TIMEOUT
 from viamillipede.receiver import MAX_TAMPERED
 from viamillipede.wire import (
@@ -73,6 +80,7 @@ from viamillipede.wire import (
     AuthKind,
     Bye,
     ByeOk,
+    Decoder,
     Error,
     ErrorCode,
     Event,
@@ -689,6 +697,39 @@ async def against_fake(
             await tx.wait(patience)
             tg.cancel_scope.cancel()
     return tx
+
+
+@pytest.mark.parametrize("with_reason", [True, False], ids=["with-error", "bare"])
+async def test_a_failed_session_is_reported_with_the_reason_that_follows_it(
+    with_reason: bool,
+) -> None:
+    """A receiver whose session has failed answers a proven connection with a tagged
+    WELCOME(SESSION_FAILED) and its tagged ERROR right behind: the transmitter ends with that
+    reason even with no other connection to hear it on; without one, it still fails, saying so."""
+    keys: dict[bytes, Any] = {}
+
+    async def handle(stream: anyio.abc.ByteStream) -> None:
+        peer = Peer(stream, Decoder.for_receiver())
+        with contextlib.suppress(Exception):
+            if await accept_handshake(peer, keys, status=WelcomeStatus.SESSION_FAILED):
+                if with_reason:
+                    await peer.send(Error(int(ErrorCode.SINK_FAILED), "zfs recv: disk full"))
+                await peer.events_until_closed(5)
+        await peer.aclose()
+
+    tx: Outcome[TransferStats] = Outcome()
+    with anyio.fail_after(30), single_error():
+        async with anyio.create_task_group() as tg:
+            listener = await anyio.create_tcp_listener(local_host=HOST, local_port=0)
+            port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
+            tg.start_soon(listener.serve, handle)
+            transmitter = tcp_transmitter(BytesSource(TX_DATA), [(HOST, port)], threads=1,
+                                          chunk_size=TX_CHUNK, idle_timeout=IDLE)
+            await tx.capture(transmitter.run)
+            tg.cancel_scope.cancel()
+    assert isinstance(tx.error, RemoteFailure), tx.describe()
+    said = "zfs recv: disk full" if with_reason else "the receiver's session has failed"
+    assert said in str(tx.error), tx.describe()
 
 
 def must_fail(tx: Outcome[TransferStats], allowed: tuple[type[Exception], ...],
