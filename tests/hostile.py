@@ -414,8 +414,8 @@ async def accept_handshake(peer: Peer, keys: dict[bytes, SessionKeys], *,
     """A receiver's side of one connection's handshake: read HELLO and AUTH, answer with
     ``phrase`` (or, for a join, with the session's keys, which ``keys`` holds by session id),
     check the transmitter's proof and send a tagged WELCOME ``status`` (ACCEPTED) echoing its
-    session id (``written`` 0).  Returns the HELLO, or None if the transmitter opened with anything else;
-    raises AuthFailed if its proof does not verify."""
+    session id (``written`` 0).  Returns the HELLO, or None if the transmitter opened with
+    anything else; raises AuthFailed if its proof does not verify."""
     event = await peer.next_event()
     auth = await peer.next_event()
     if not isinstance(event, Hello) or not isinstance(auth, Auth):
