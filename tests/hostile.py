@@ -436,6 +436,20 @@ async def accept_handshake(peer: Peer, keys: dict[bytes, SessionKeys], *,
     return event
 
 
+async def serve_loopback(tg: anyio.abc.TaskGroup,
+                         handle: Callable[[anyio.abc.ByteStream], Awaitable[None]]) -> int:
+    """Listen on 127.0.0.1, on a port the system picks, and ``handle`` every connection in
+    ``tg``; returns the port."""
+    listener = await anyio.create_tcp_listener(local_host=HOST, local_port=0)
+
+    async def serve() -> None:
+        async with listener:
+            await listener.serve(handle)
+
+    tg.start_soon(serve)
+    return int(listener.extra(anyio.abc.SocketAttribute.local_port))
+
+
 class FakeReceiver:
     """Listens on 127.0.0.1; answers every HELLO with the handshake and WELCOME ACCEPTED
     echoing its session id (``written`` 0, see :func:`accept_handshake`), then hands the
@@ -448,14 +462,7 @@ class FakeReceiver:
         self._keys: dict[bytes, SessionKeys] = {}
 
     async def start(self, tg: anyio.abc.TaskGroup) -> int:
-        listener = await anyio.create_tcp_listener(local_host=HOST, local_port=0)
-        self.port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
-
-        async def serve() -> None:
-            async with listener:
-                await listener.serve(self._handle)
-
-        tg.start_soon(serve)
+        self.port = await serve_loopback(tg, self._handle)
         return self.port
 
     async def _handle(self, stream: anyio.abc.ByteStream) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.abc
 
-from hostile import HOST, STREAM_ERRORS
+from hostile import HOST, STREAM_ERRORS, serve_loopback
 from viamillipede.wire import (
     NEED_DATA,
     Auth,
@@ -153,14 +153,7 @@ class Mitm:
         self._changed = anyio.Event()
 
     async def start(self, tg: anyio.abc.TaskGroup) -> int:
-        listener = await anyio.create_tcp_listener(local_host=HOST, local_port=0)
-        self.port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
-
-        async def serve() -> None:
-            async with listener:
-                await listener.serve(self._handle)
-
-        tg.start_soon(serve)
+        self.port = await serve_loopback(tg, self._handle)
         return self.port
 
     # -- what the tests look at ----------------------------------------------------------

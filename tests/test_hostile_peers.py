@@ -58,6 +58,7 @@ from hostile import (
     poll_for,
     poll_until,
     rss_kib,
+    serve_loopback,
     single_error,
     start_receiver,
 )
@@ -720,9 +721,7 @@ async def test_a_failed_session_is_reported_with_the_reason_that_follows_it(
     tx: Outcome[TransferStats] = Outcome()
     with anyio.fail_after(30), single_error():
         async with anyio.create_task_group() as tg:
-            listener = await anyio.create_tcp_listener(local_host=HOST, local_port=0)
-            port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
-            tg.start_soon(listener.serve, handle)
+            port = await serve_loopback(tg, handle)
             transmitter = tcp_transmitter(BytesSource(TX_DATA), [(HOST, port)], threads=1,
                                           chunk_size=TX_CHUNK, idle_timeout=IDLE)
             await tx.capture(transmitter.run)
