@@ -312,6 +312,15 @@ class Transmitter:
         while True:
             link.state, link.next_try = "connecting", None
             held = await _Held.exchange(self._shared)
+            if held.exchanging and target in self._not_receivers and (
+                    set(self._targets) - set(self._not_receivers)):
+                # This target failed a key exchange already: a target not yet tried goes
+                # first, or a silent one would hold the exchange for every connection it has.
+                held.release()
+                delay = backoff.next()
+                link.state, link.next_try = "backoff", anyio.current_time() + delay
+                await anyio.sleep(delay)
+                continue
             try:
                 stream = await self._connect(conn)
             except BaseException as exc:
@@ -376,6 +385,10 @@ class _Held:
             shared.key_exchange.release()
             return cls(None)
         return cls(shared.key_exchange)
+
+    @property
+    def exchanging(self) -> bool:
+        return self._lock is not None
 
     def release(self) -> None:
         if self._lock is not None:
