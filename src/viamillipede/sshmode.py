@@ -303,7 +303,10 @@ def read_key(stream: IO[bytes]) -> bytes:
 def run_remote(cfg: Config, log: logging.Logger, run_session: RunSession) -> int:
     """``ssh-rx``: serve one session into ``sh -c SINK``; the exit status is the sink's."""
     assert cfg.sink is not None
-    key = read_key(sys.stdin.buffer)
+    # Unbuffered, one byte at a time: what follows the key on the channel (``done``) is read
+    # from the descriptor by _channel_closed, and must not sit in a buffer here.
+    with open(sys.stdin.fileno(), "rb", buffering=0, closefd=False) as raw:
+        key = read_key(raw)
     try:
         sink = subprocess.Popen(["/bin/sh", "-c", cfg.sink], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, start_new_session=True)
