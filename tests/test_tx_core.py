@@ -224,6 +224,23 @@ def test_bye_goes_out_once_the_stream_ended_and_everything_is_acknowledged() -> 
     assert core.step(0, 0.0)[0] is Step.DONE
 
 
+def test_a_confirmed_end_counts_every_chunk_written_though_the_last_acks_were_lost() -> None:
+    """Chunks are acknowledged as received; the receiver's ``written`` count in the ACKs
+    that follow may be lost with their connection.  BYE_OK says every chunk is written: the
+    window the reports show is then empty."""
+    core = make(ranks=(0,))
+    feed(core, 2)
+    take(core, 0)
+    take(core, 0)
+    core.on_ack(0, 0, 0, 0.0)  # received, none written yet
+    core.on_ack(0, 1, 1, 0.0)  # the ACK saying both are written never comes
+    core.end_of_stream(0.0)
+    assert core.step(0, 0.0)[0] is Step.SEND_BYE
+    assert core.window.next_seq - core.window.written == 1
+    core.on_bye_ok(0, 2, 200)
+    assert core.window.written == core.window.next_seq == 2
+
+
 def test_an_empty_stream_sends_bye_at_once() -> None:
     core = make(ranks=(0,))
     core.step(0, 0.0)

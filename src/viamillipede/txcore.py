@@ -317,6 +317,8 @@ class Dispatcher(Generic[T]):
                 f"the receiver confirmed {nbytes} bytes in {chunks} chunks, we sent "
                 f"{expected_bytes} in {expected_chunks}")
         self.bye = ByeState.CONFIRMED
+        # Every chunk is written, whatever the ACKs lost with their connections said.
+        self.window.advance(chunks, [])
 
     def session_over_ok(self, written: int) -> bool:
         """Can a WELCOME saying our session is over, with ``written`` chunks, be true?
@@ -335,6 +337,7 @@ class Dispatcher(Generic[T]):
                 f"the receiver ended the session after {written} chunks "
                 f"of {self.window.next_seq}")
         self.bye = ByeState.CONFIRMED
+        self.window.advance(written, [])
 
     # -- connections ---------------------------------------------------------------------
 
