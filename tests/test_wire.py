@@ -338,7 +338,8 @@ def test_bye_bye_ok_and_fin_differ_only_in_the_type_byte(chunks: int, nbytes: in
 
 def test_fixed_sizes() -> None:
     assert frames.FIXED_SIZE == {
-        frames.T_HELLO: 41, frames.T_WELCOME: 26, frames.T_DATA: 17, frames.T_ACK: 17,
+        frames.T_HELLO: 41, frames.T_WELCOME: 26, frames.T_DATA: 17, frames.T_DATA_Z: 17,
+        frames.T_ACK: 17,
         frames.T_BYE: 17, frames.T_BYE_OK: 17, frames.T_FIN: 17, frames.T_ERROR: 5,
         frames.T_AUTH: 1 + 1 + 32 + 33 + 32,
     }

@@ -72,6 +72,7 @@ async def send(
     wrap: ClientWrapper | None = None,
     limit: float | None = None,
     retry_resolve: bool = False,
+    compress: int | str | None = None,
 ) -> TransferStats:
     """Send everything ``source`` yields to the receiver(s) at ``targets``.
 
@@ -81,6 +82,8 @@ async def send(
     trying (until ``idle_timeout``).  ``limit`` caps the stream at that many bytes per second.
     The session is encrypted and authenticated with keys agreed from ``checkphrase`` (or the
     32-byte ``key``); ``plaintext`` sends the data in clear (the receiver must say so too).
+    ``compress`` is ``"auto"`` (compress while the network, not the CPU, holds the stream
+    back), a zstd level, or None; the receiver follows without being told.
     Returns once the receiver confirmed that every byte was written; raises a
     :class:`~viamillipede.errors.ViamillipedeError` subclass otherwise.
     """
@@ -90,7 +93,7 @@ async def send(
         tx = tcp_transmitter(
             source, targets, threads=threads, chunk_size=chunk_size, window=window,
             checksum=checksum, checkphrase=checkphrase, key=key, plaintext=plaintext,
-            idle_timeout=idle_timeout, wrap=wrap, limit=limit,
+            idle_timeout=idle_timeout, wrap=wrap, limit=limit, compress=compress,
         )
         return await tx.run()
 
@@ -119,6 +122,7 @@ def tcp_transmitter(
     idle_timeout: float = DEFAULT_TIMEOUT,
     wrap: ClientWrapper | None = None,
     limit: float | None = None,
+    compress: int | str | None = None,
 ) -> Transmitter:
     """The transmitter :func:`send` runs, for callers that want its reports or to abort it.
 
@@ -159,6 +163,7 @@ def tcp_transmitter(
         describe=lambda i: f"connection {i} to {plan[i][0]}:{plan[i][1]}",
         target=lambda i: f"{plan[i][0]}:{plan[i][1]}",
         rank=lambda i: list(targets).index(plan[i]),
+        compress=compress,
     )
 
 

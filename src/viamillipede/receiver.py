@@ -48,6 +48,13 @@ from .options import (
     encode_checkphrase,
 )
 from .rxcore import Admission, AuthThrottle, Claim, ReceiverCore, RxState
+from .squeeze import (
+    BadFrame,
+    CompressionCounters,
+    CompressionStats,
+    Squeezer,
+    compress_workers,
+)
 from .stats import Counters, LinkCounters, Report, TransferStats, link_stats
 from .streams import SpliceSink, SpliceTo
 from .wire import (
@@ -85,6 +92,9 @@ LINGER = 10.0
 #: chunks ahead of it finish well within this; on slower ones it soon gives up, so a waiting
 #: chunk does not hold its connection's flow for long.
 PARK_LIMIT = 0.02
+#: Compressed payloads up to this size are decompressed on the event loop (a hop to a worker
+#: thread costs ~150 us, more than decoding them).
+INLINE_INFLATE_BYTES = 64 * 1024
 
 #: How long a best-effort send (an ERROR on the way out) may take before we stop trying.
 BEST_EFFORT_TIMEOUT = 1.0
@@ -288,6 +298,11 @@ class Receiver:
         self._last_activity = 0.0
         self._tg: anyio.abc.TaskGroup | None = None
         self._counters = Counters("rx")
+        # Compressed chunks (the transmitter announced zstd): decoded in worker threads, at
+        # most one per core at once, each into a second pooled buffer.
+        self._squeezer: Squeezer | None = None
+        self._inflating = anyio.CapacityLimiter(compress_workers())
+        self._compression: CompressionCounters | None = None
 
     # -- public --------------------------------------------------------------------------
 
@@ -326,7 +341,12 @@ class Receiver:
         window = self._core.params.window if self._core.params else 0
         held = len(self._core.reorder)
         return Report(totals=self.statistics(), window=window, window_used=held,
-                      reorder_depth=held, connections=tuple(links), targets=())
+                      reorder_depth=held, connections=tuple(links), targets=(),
+                      compression=self.compression())
+
+    def compression(self) -> CompressionStats | None:
+        """What the transmitter's compression did, as received; None when it was off."""
+        return self._compression.snapshot() if self._compression else None
 
     def abort(self, reason: str = "interrupted") -> None:
         """Stop the session from outside (e.g. on Ctrl-C); the transmitter is told why."""
@@ -503,8 +523,13 @@ class Receiver:
         self._checksum = ALGORITHMS[params.checksum][1] if params.checksum else None
         self._direct = (self.output.splice_sink is not None and self._checksum is None
                         and self._core.plaintext)
+        extra = 0
+        if params.compression:
+            self._squeezer = Squeezer()
+            self._compression = CompressionCounters("zstd")
+            extra = compress_workers()  # the buffers chunks are decompressed into
         self._pool = BufferPool(params.chunk_size + self._core.overhead,
-                                keep=self._core.max_buffers)
+                                keep=self._core.max_buffers + extra)
         log.info("session %s: chunk %d bytes, window %d, checksum %s",
                  params.session_id.hex()[:12], params.chunk_size, params.window,
                  ALGORITHMS[params.checksum][0] if params.checksum else "off")
@@ -714,14 +739,15 @@ class _Connections:
                 raise ProtocolError(f"unexpected {type(event).__name__}")
 
     async def _on_data(self, conn: _Conn, reader: FrameReader, header: DataHeader) -> None:
-        claim = self.rx._core.data(header.seq, header.length)
+        claim = self.rx._core.data(header.seq, header.length, header.compressed)
         if claim is not Claim.RECEIVE:
             await _discard(reader, self.rx._scratch, header.length)
             if claim is Claim.DISCARD_ACK:
                 self.rx._counters.duplicates += 1
                 conn.queue(header.seq)
             return
-        if self.rx._direct and await self.rx.output.my_turn(conn, reader, header.seq):
+        if (self.rx._direct and not header.compressed
+                and await self.rx.output.my_turn(conn, reader, header.seq)):
             try:
                 await self.rx.output.splice_chunk(conn, reader, header)
             finally:
@@ -737,7 +763,10 @@ class _Connections:
             if self.rx._sealer is not None:
                 length -= SEAL_OVERHEAD
                 await self._open(conn, header, view)
-            elif self.rx._checksum and self.rx._checksum(view) != header.checksum:
+            if header.compressed:
+                buf, length = await self._inflate(conn, header, buf, length)
+            if (self.rx._checksum and
+                    self.rx._checksum(memoryview(buf)[:length]) != header.checksum):
                 raise LinkBroken(f"checksum mismatch in chunk {header.seq}; discarded")
         except BaseException:
             self.rx._core.abandoned(header.seq)
@@ -745,6 +774,9 @@ class _Connections:
             raise
         filed = self.rx._core.received(header.seq, (buf, length, conn))
         if filed is Claim.RECEIVE:
+            if self.rx._compression is not None:
+                wire = header.length - (SEAL_OVERHEAD if self.rx._sealer else 0)
+                self.rx._compression.count(length, wire, header.compressed)
             if header.seq == self.rx._core.reorder.written:
                 self.rx.output.arrived.notify()
         else:
@@ -757,6 +789,38 @@ class _Connections:
 
 
 
+    async def _inflate(self, conn: _Conn, header: DataHeader, buf: bytearray,
+                       length: int) -> tuple[bytearray, int]:
+        """Decompress the ``length`` bytes in ``buf`` into another pooled buffer, in a worker
+        thread; give ``buf`` back and return the other one and the chunk's length.  ``buf``
+        stays the caller's if this raises."""
+        rx = self.rx
+        assert rx._pool is not None and rx._squeezer is not None and rx._core.params
+        chunk_size = rx._core.params.chunk_size
+        out = rx._pool.get()
+        try:
+            src = memoryview(buf)[:length]
+            dst = memoryview(out)[:chunk_size]
+            if length <= INLINE_INFLATE_BYTES:
+                n = rx._squeezer.decompress_into(src, dst)
+            else:
+                async with rx._inflating:
+                    n = await anyio.to_thread.run_sync(rx._squeezer.decompress_into, src, dst)
+        except BadFrame as exc:
+            rx._pool.put(out)
+            if rx._sealer is not None:
+                # It verified: the transmitter itself made it.  Sending it again cannot help.
+                raise ProtocolViolation(
+                    f"chunk {header.seq} from {conn.name} does not decompress: {exc}") from None
+            rx.tampered(f"chunk {header.seq} from {conn.name} does not decompress ({exc}); "
+                        "dropped with its connection, it will be sent again")
+            raise LinkBroken(f"chunk {header.seq} does not decompress") from None
+        except BaseException:
+            rx._pool.put(out)
+            raise
+        rx._pool.put(buf)
+        return out, n
+
     async def _open(self, conn: _Conn, header: DataHeader, view: memoryview) -> None:
         """Open a sealed chunk in place, in a worker thread (the GIL is released while it
         runs, so other connections go on).  A chunk that fails to verify is dropped with its
@@ -764,7 +828,7 @@ class _Connections:
         sealer = self.rx._sealer
         assert sealer is not None
         head = bytearray(DATA_HEADER_SIZE)
-        pack_data_header(head, header.seq, header.length, header.checksum)
+        pack_data_header(head, header.seq, header.length, header.checksum, header.compressed)
         plain = view[: header.length - SEAL_OVERHEAD]
         try:
             if header.length <= INLINE_SEAL_BYTES:
@@ -875,6 +939,8 @@ class _Output:
         except STREAM_ERRORS as exc:
             raise LinkBroken(str(exc) or type(exc).__name__) from exc
         self.spliced += 1
+        if self.rx._compression is not None:
+            self.rx._compression.count(length, length, compressed=False)
         self.rx._chunk_written(length, conn, buffered=False)
         conn.link.chunks += 1
         conn.link.nbytes += length

@@ -104,6 +104,10 @@ class Params:
     def checksum(self) -> int:
         return self.features & Feature.CHECKSUM_MASK
 
+    @property
+    def compression(self) -> int:
+        return self.features & Feature.COMPRESSION_MASK
+
 
 class ReceiverCore(Generic[T]):
     """One session's receiving state.  ``T`` is whatever the driver files with a chunk."""
@@ -194,12 +198,14 @@ class ReceiverCore(Generic[T]):
             return (hello.chunk_size, hello.window, hello.features) == (
                 self.params.chunk_size, self.params.window, self.params.features)
         checksum = hello.features & Feature.CHECKSUM_MASK
+        compression = hello.features & Feature.COMPRESSION_MASK
         return (
             1 <= hello.chunk_size <= self._max_chunk_size
             and 1 <= hello.window <= MAX_WINDOW
             and hello.chunk_size * hello.window <= self._max_buffer
             and (not checksum or checksum in ALGORITHMS)
-            and not hello.features & ~Feature.CHECKSUM_MASK
+            and compression in (0, Feature.COMPRESSION_ZSTD)
+            and not hello.features & ~(Feature.CHECKSUM_MASK | Feature.COMPRESSION_MASK)
         )
 
     def _bind(self, hello: Hello) -> None:
@@ -214,11 +220,14 @@ class ReceiverCore(Generic[T]):
 
     # -- data ----------------------------------------------------------------------------
 
-    def data(self, seq: int, length: int) -> Claim:
+    def data(self, seq: int, length: int, compressed: bool = False) -> Claim:
         """Judge a DATA header; raises RemoteProtocolError for one no transmitter sends."""
         params = self.params
         if params is None or self.state is RxState.LISTENING:  # pragma: no cover - no HELLO
             raise RemoteProtocolError("DATA before the session was bound")
+        if compressed and not params.compression:
+            raise RemoteProtocolError(
+                f"chunk {seq} is compressed, but the session did not announce compression")
         self._data_seen = True
         overhead = self.overhead
         if not 1 + overhead <= length <= params.chunk_size + overhead:

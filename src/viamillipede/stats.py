@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+from .squeeze import CompressionStats
+
 
 @dataclass(frozen=True, slots=True)
 class TransferStats:
@@ -126,6 +128,7 @@ class Report:
     connections: tuple[LinkStats, ...]
     targets: tuple[TargetStats, ...]
     limit: LimitStats | None = None
+    compression: CompressionStats | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -144,6 +147,8 @@ class Report:
         if self.limit is not None:
             lines.append(f"  limit {self.limit.rate / 1e6:.3g} MB/s, held back "
                          f"{self.limit.waited:.1f} s")
+        if self.compression is not None:
+            lines.append("  " + self.compression.summary())
         for g in self.targets:
             probe = f", next probe in {g.next_probe_in:.1f} s" if g.next_probe_in else ""
             lines.append(

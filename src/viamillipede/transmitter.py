@@ -44,6 +44,15 @@ from .options import (
     default_window,
     encode_checkphrase,
 )
+from .squeeze import (
+    AdaptivePolicy,
+    CompressionCounters,
+    CompressionStats,
+    FixedPolicy,
+    Policy,
+    Squeezer,
+    compress_workers,
+)
 from .stats import Counters, LinkCounters, Report, TransferStats, link_stats, target_stats
 from .streams import ConnectFailed
 from .txcore import (
@@ -69,6 +78,7 @@ from .wire import (
     Error,
     ErrorCode,
     Event,
+    Feature,
     Fin,
     Hello,
     Mode,
@@ -86,6 +96,16 @@ log = logging.getLogger("viamillipede.tx")
 
 #: Opens connection number ``index`` (0-based); raises ConnectFailed if it cannot.
 Connector = Callable[[int], Awaitable[anyio.abc.ByteStream]]
+
+@dataclasses.dataclass(slots=True)
+class _Job:
+    """A chunk being compressed and sealed by a worker."""
+
+    seq: int
+    level: int | None
+    chunk: Chunk | None = None
+    ready: anyio.Event = dataclasses.field(default_factory=anyio.Event)
+
 
 class NotAReceiver(LinkBroken):
     """Whatever answered the connection did not complete a handshake: it said something that
@@ -120,6 +140,7 @@ class Transmitter:
         target: Callable[[int], str] | None = None,
         rank: Callable[[int], int] | None = None,
         session_id: bytes | None = None,
+        compress: int | str | None = None,
     ) -> None:
         if not 1 <= threads <= 64:
             raise ValueError("threads must be between 1 and 64")
@@ -134,6 +155,14 @@ class Transmitter:
         if algorithm and not plaintext:
             log.info("checksum: not needed, every sealed chunk's tag already covers it")
             algorithm = 0
+        # Compression: ``"auto"``, a zstd level, or None (off).
+        self._policy: Policy | None = None
+        self._compression: CompressionCounters | None = None
+        if compress is not None:
+            self._policy = (AdaptivePolicy(window) if compress == "auto"
+                            else FixedPolicy(int(compress)))
+            self._compression = CompressionCounters(self._policy.describe())
+            algorithm |= Feature.COMPRESSION_ZSTD
         self._hello = Hello(mode=int(Mode.PLAINTEXT) if plaintext else 0,
                             session_id=self.session_id, conn_index=0, chunk_size=chunk_size,
                             window=window, features=algorithm)
@@ -141,7 +170,8 @@ class Transmitter:
         ranks = [rank(i) if rank else 0 for i in range(threads)]
         fill = fill_threshold(window, chunk_size, below=FILL_BELOW_RTT,
                               per_bytes=FILL_WINDOW_BYTES)
-        digest = checksums.ALGORITHMS[algorithm][1] if algorithm else None
+        checksum_id = algorithm & Feature.CHECKSUM_MASK
+        digest = checksums.ALGORITHMS[checksum_id][1] if checksum_id else None
         self._counters = Counters("tx")
         name_target = target or (lambda i: "receiver")
         self._target_of = [name_target(i) for i in range(threads)]
@@ -162,7 +192,7 @@ class Transmitter:
         self._shared = _Shared(
             Dispatcher(window, ranks, fill_below=fill),
             ChunkReader(source, chunk_size, keep=window + threads, checksum=digest,
-                        sealer=None if plaintext else sealer),
+                        sealer=None if plaintext else sealer, compress=compress is not None),
             self._counters, self._links, keying)
         self._error: ViamillipedeError | None = None
         self._last_connect_error = ""
@@ -186,7 +216,12 @@ class Transmitter:
             reorder_depth=0,
             connections=tuple(links),
             targets=target_stats(links),
+            compression=self._compression.snapshot() if self._compression else None,
         )
+
+    def compression(self) -> CompressionStats | None:
+        """What compression did so far; None when it is off."""
+        return self._compression.snapshot() if self._compression else None
 
     def abort(self, reason: str = "interrupted") -> None:
         """Stop the session from outside (e.g. on Ctrl-C); the receiver is told why."""
@@ -223,6 +258,9 @@ class Transmitter:
             self._fail(exc)
 
     async def _read_source(self) -> None:
+        if self._policy is not None:
+            await self._read_compressing(self._policy)
+            return
         shared = self._shared
         core, chunks, counters = shared.core, shared.chunks, self._counters
         while True:
@@ -235,8 +273,76 @@ class Transmitter:
                           core.window.next_seq)
                 return
             counters.chunks += 1
-            counters.nbytes += chunk.length
-            shared.wake(core.add(chunk, chunk.length, anyio.current_time()))
+            counters.nbytes += chunk.raw
+            shared.wake(core.add(chunk, chunk.raw, anyio.current_time()))
+
+    async def _read_compressing(self, policy: Policy) -> None:
+        """The source, compressed and sealed by a few workers in parallel (the sidechain),
+        added to the window in order.
+
+        One task reads; each chunk read goes to a worker thread, at most ``workers`` at once,
+        and into a queue of the same length; this task takes them from the queue in order as
+        they are done.  What the reader waits for (room in the window, or a free worker) is
+        what the policy learns from.  Chunks being prepared count against the window, so the
+        memory bound stays ``window x chunk`` plus one buffer per worker.
+        """
+        shared = self._shared
+        core, chunks, counters = shared.core, shared.chunks, self._counters
+        stats = self._compression
+        assert stats is not None
+        squeezer = Squeezer()
+        workers = compress_workers()
+        free = anyio.Semaphore(workers)
+        send, receive = anyio.create_memory_object_stream[_Job](workers)
+
+        async def prepare(job: _Job, buf: bytearray, n: int, sealer: ChunkSealer | None) -> None:
+            try:
+                job.chunk = await anyio.to_thread.run_sync(
+                    chunks.prepare, job.seq, buf, n, job.level, squeezer, sealer)
+            finally:
+                free.release()
+                job.ready.set()
+
+        async def feed(tg: anyio.abc.TaskGroup) -> None:
+            async with send:
+                seq = core.window.next_seq
+                while True:
+                    asked = anyio.current_time()
+                    while not core.can_add(seq - core.window.next_seq):
+                        await shared.acked.wait()
+                    room = anyio.current_time()
+                    raw = await chunks.read_raw()
+                    if raw is None:
+                        return
+                    sealer = await chunks.sealer()
+                    read = anyio.current_time()
+                    await free.acquire()
+                    now = anyio.current_time()
+                    policy.waited(now, window=room - asked, worker=now - read)
+                    job = _Job(seq, policy.level(now))
+                    tg.start_soon(prepare, job, raw[0], raw[1], sealer)
+                    await send.send(job)
+                    seq += 1
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(feed, tg)
+            async with receive:
+                async for job in receive:
+                    await job.ready.wait()
+                    chunk = job.chunk
+                    if chunk is None:  # its worker failed: the task group has the error
+                        return
+                    now = anyio.current_time()
+                    compressed = chunk.length < chunk.raw
+                    policy.done(job.level, chunk.raw, chunk.length, now)
+                    stats.count(chunk.raw, chunk.length, compressed)
+                    stats.setting = policy.describe()
+                    counters.chunks += 1
+                    counters.nbytes += chunk.raw
+                    shared.wake(core.add(chunk, chunk.raw, now))
+        shared.wake(core.end_of_stream(anyio.current_time()))
+        log.debug("end of input after %d bytes in %d chunks; %s", core.nbytes,
+                  core.window.next_seq, stats.snapshot().summary())
 
     async def _watchdog(self) -> None:
         core = self._shared.core

@@ -168,8 +168,8 @@ class Dispatcher(Generic[T]):
 
     # -- the source ----------------------------------------------------------------------
 
-    def can_add(self) -> bool:
-        return self.window.can_add()
+    def can_add(self, ahead: int = 0) -> bool:
+        return self.window.can_add(ahead)
 
     def add(self, item: T, length: int, now: float) -> Wakes:
         """A chunk of ``length`` bytes was read (its sequence is ``window.next_seq``)."""

@@ -17,6 +17,7 @@ import anyio
 import anyio.abc
 
 from .framing import BufferPool
+from .squeeze import Squeezer
 from .streams import SendFile, SendPages
 from .wire import DATA_HEADER_SIZE, pack_data_header
 from .wire.secure import INLINE_SEAL_BYTES, SEAL_OVERHEAD, ChunkSealer
@@ -58,12 +59,14 @@ class Chunk:
     """A chunk in the window: its frame in a pooled ``buf``, or (``offset`` >= 0) only its
     header in ``buf`` and the payload in the source file at ``offset``."""
 
-    __slots__ = ("acked", "buf", "extra", "length", "offset", "sending")
+    __slots__ = ("acked", "buf", "extra", "length", "offset", "raw", "sending")
 
-    def __init__(self, buf: bytearray, length: int, offset: int = -1, extra: int = 0) -> None:
+    def __init__(self, buf: bytearray, length: int, offset: int = -1, extra: int = 0,
+                 raw: int = -1) -> None:
         self.buf = buf
-        self.length = length  # of the plaintext
+        self.length = length  # of the payload before sealing (compressed, if it is)
         self.extra = extra  # bytes the frame's payload has beyond it (the seal's tag)
+        self.raw = length if raw < 0 else raw  # bytes of the stream it carries
         self.offset = offset
         self.sending = 0  # sends of this buffer in progress: it is not reused before 0
         self.acked = False
@@ -90,7 +93,8 @@ class ChunkReader:
 
     def __init__(self, source: Source, chunk_size: int, *, keep: int,
                  checksum: Callable[[memoryview], int] | None,
-                 sealer: Callable[[], Awaitable[ChunkSealer]] | None = None) -> None:
+                 sealer: Callable[[], Awaitable[ChunkSealer]] | None = None,
+                 compress: bool = False) -> None:
         self._source = source
         self._size = chunk_size
         self._checksum = checksum
@@ -103,8 +107,8 @@ class ChunkReader:
         # A regular file is sent from the page cache.  With checksums each region is read
         # once, into a buffer kept until the chunk is acknowledged: hashed and re-sent from
         # that one copy, so what arrives is what was hashed even if the file changes.  A
-        # sealed chunk must be in memory anyway: read like a pipe.
-        self.regions = regions_of(source) if sealer is None else None
+        # sealed or compressed chunk must be in memory anyway: read like a pipe.
+        self.regions = regions_of(source) if sealer is None and not compress else None
         # Only a checksummed file's chunks go by reference (send_pages): for a pipe's chunks,
         # read into fresh buffers anyway, it measured slower than a plain send.
         self.by_reference = checksum is not None and self.regions is not None
@@ -123,15 +127,56 @@ class ChunkReader:
             return await self._claim(self.regions, seq)
         return await self._read(seq)
 
-    def release(self, chunk: Chunk) -> None:
-        """The chunk is acknowledged and no send of it is in progress."""
-        if chunk.offset < 0:
-            self.pool.put(chunk.buf)
+    # -- compressing: read, then prepare in a worker -------------------------------------------
 
-    async def _read(self, seq: int) -> Chunk | None:
-        size = self._size
+    async def read_raw(self) -> tuple[bytearray, int] | None:
+        """The next chunk's bytes, in a pooled buffer after the header space, not yet framed
+        (compressing sessions: :meth:`prepare` frames them, in a worker thread); None at the
+        end of the stream."""
+        if self._ended:
+            return None
         buf = self.pool.get()
+        try:
+            n = await self._fill(memoryview(buf))
+        except BaseException:
+            self.pool.put(buf)
+            raise
+        if not n:
+            self.pool.put(buf)
+            return None
+        return buf, n
+
+    async def sealer(self) -> ChunkSealer | None:
+        """The session's sealer once its keys are agreed; None in plaintext."""
+        return await self._sealer() if self._sealer is not None else None
+
+    def prepare(self, seq: int, buf: bytearray, n: int, level: int | None,
+                squeezer: Squeezer, sealer: ChunkSealer | None) -> Chunk:
+        """Frame the ``n`` bytes read into ``buf`` as chunk ``seq``: compressed at ``level``
+        (if given and it pays), then sealed.  Pure computation with the GIL released most of
+        the time: called in worker threads, several at once.  The compressed bytes replace
+        the raw ones in the same buffer, so a compressed chunk costs no second buffer."""
         view = memoryview(buf)
+        payload = view[DATA_HEADER_SIZE : DATA_HEADER_SIZE + n]
+        # The checksum (plaintext only) covers the stream's bytes, as the receiver's sink
+        # gets them: it checks the decompression too.
+        crc = self._checksum(payload) if self._checksum is not None else 0
+        wire = squeezer.compress_into(level, payload, payload) if level is not None else 0
+        compressed = wire > 0
+        if not compressed:
+            wire = n
+        if sealer is None:
+            pack_data_header(view, seq, wire, crc, compressed)
+            return Chunk(buf, wire, raw=n)
+        pack_data_header(view, seq, wire + SEAL_OVERHEAD, 0, compressed)
+        header = bytes(view[:DATA_HEADER_SIZE])
+        sealed = view[DATA_HEADER_SIZE : DATA_HEADER_SIZE + wire + SEAL_OVERHEAD]
+        sealer.seal_into(seq, header, sealed[:wire], sealed)
+        return Chunk(buf, wire, extra=SEAL_OVERHEAD, raw=n)
+
+    async def _fill(self, view: memoryview) -> int:
+        """Read up to a chunk into ``view`` after the header space; 0 at the end."""
+        size = self._size
         end = DATA_HEADER_SIZE + size
         n = 0
         while n < size:
@@ -143,6 +188,21 @@ class ChunkReader:
                 n += got
                 continue
             break  # the source paused with a partial chunk in hand
+        return n
+
+    def release(self, chunk: Chunk) -> None:
+        """The chunk is acknowledged and no send of it is in progress."""
+        if chunk.offset < 0:
+            self.pool.put(chunk.buf)
+
+    async def _read(self, seq: int) -> Chunk | None:
+        buf = self.pool.get()
+        view = memoryview(buf)
+        try:
+            n = await self._fill(view)
+        except BaseException:
+            self.pool.put(buf)
+            raise
         if not n:
             self.pool.put(buf)
             return None

@@ -48,9 +48,10 @@ class SendWindow(Generic[T]):
 
     # -- reading -------------------------------------------------------------------------
 
-    def can_add(self) -> bool:
-        """May another chunk be read?  Not past ``written + window``: that is back-pressure."""
-        return self.next_seq < self.written + self.window
+    def can_add(self, ahead: int = 0) -> bool:
+        """May another chunk be read (with ``ahead`` read and not added yet)?  Not past
+        ``written + window``: that is back-pressure."""
+        return self.next_seq + ahead < self.written + self.window
 
     def add(self, item: T) -> int:
         if not self.can_add():

@@ -56,6 +56,7 @@ from .frames import (
     T_BYE,
     T_BYE_OK,
     T_DATA,
+    T_DATA_Z,
     T_ERROR,
     T_FIN,
     T_HELLO,
@@ -84,6 +85,7 @@ _FRAME_NAMES = {
     T_HELLO: "HELLO",
     T_WELCOME: "WELCOME",
     T_DATA: "DATA",
+    T_DATA_Z: "DATA_Z",
     T_ACK: "ACK",
     T_BYE: "BYE",
     T_BYE_OK: "BYE_OK",
@@ -147,7 +149,8 @@ class Decoder:
     @classmethod
     def for_receiver(cls, *, max_payload: int = ABSOLUTE_MAX_PAYLOAD,
                      stream_payload: bool = False) -> Decoder:
-        return cls(frozenset({T_HELLO}), frozenset({T_AUTH, T_DATA, T_BYE, T_FIN, T_ERROR}),
+        return cls(frozenset({T_HELLO}), frozenset({T_AUTH, T_DATA, T_DATA_Z, T_BYE, T_FIN,
+                                                         T_ERROR}),
                    max_payload=max_payload, stream_payload=stream_payload)
 
     @classmethod
@@ -259,7 +262,7 @@ class Decoder:
         tail = TAG_SIZE if self.checker is not None and ftype in TAGGED else 0
         if have < size + (tail if ftype != T_ERROR else 0):
             return self._need(f"truncated {_FRAME_NAMES[ftype]} frame")
-        if ftype == T_DATA:
+        if ftype in (T_DATA, T_DATA_Z):
             _, seq, length, checksum = DATA_HEADER.unpack_from(buf, pos)
             if length == 0:
                 raise RemoteProtocolError("DATA frame with no payload")
@@ -272,12 +275,12 @@ class Decoder:
                 if length:
                     self._state = _State.PAYLOAD
                     self._remaining = length
-                return DataHeader(seq, length, checksum)
+                return DataHeader(seq, length, checksum, ftype == T_DATA_Z)
             if have < size + length:
                 return self._need("truncated DATA payload")
             start = pos + size
             self._pos = start + length
-            return Data(seq, checksum, bytes(buf[start : start + length]))
+            return Data(seq, checksum, bytes(buf[start : start + length]), ftype == T_DATA_Z)
         if ftype == T_ACK:
             self._verify(pos, pos + size, tail)
             _, seq, written = ACK_FRAME.unpack_from(buf, pos)
@@ -351,13 +354,14 @@ class Decoder:
         return NEED_DATA
 
 
-def pack_data_header(buf: bytearray | memoryview, seq: int, length: int, checksum: int) -> None:
-    """Write a DATA header into the first :data:`DATA_HEADER_SIZE` bytes of ``buf``.
+def pack_data_header(buf: bytearray | memoryview, seq: int, length: int, checksum: int,
+                     compressed: bool = False) -> None:
+    """Write a DATA (or DATA_Z) header into the first :data:`DATA_HEADER_SIZE` bytes of ``buf``.
 
     The transmitter keeps header space in front of every chunk buffer, so header and payload go
     out in one ``send`` without concatenation.
     """
-    DATA_HEADER.pack_into(buf, 0, T_DATA, seq, length, checksum)
+    DATA_HEADER.pack_into(buf, 0, T_DATA_Z if compressed else T_DATA, seq, length, checksum)
 
 
 def encode_ack(seq: int, written: int) -> bytes:
@@ -401,10 +405,12 @@ def _encode(event: Event) -> bytes:
         return _build(WELCOME_BODY, T_WELCOME, fields)
     if isinstance(event, Data):
         fields = {"seq": event.seq, "length": len(event.payload), "checksum": event.checksum}
-        return _build(BODIES[T_DATA], T_DATA, fields) + event.payload
+        ftype = T_DATA_Z if event.compressed else T_DATA
+        return _build(BODIES[ftype], ftype, fields) + event.payload
     if isinstance(event, DataHeader):
         fields = {"seq": event.seq, "length": event.length, "checksum": event.checksum}
-        return _build(BODIES[T_DATA], T_DATA, fields)
+        ftype = T_DATA_Z if event.compressed else T_DATA
+        return _build(BODIES[ftype], ftype, fields)
     if isinstance(event, Ack):
         return _build(BODIES[T_ACK], T_ACK, {"seq": event.seq, "written": event.written})
     if isinstance(event, Bye):

@@ -56,6 +56,7 @@ class DataHeader:
     seq: int
     length: int
     checksum: int
+    compressed: bool = False  # a DATA_Z frame: the payload is one zstd frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,7 @@ class Data:
     seq: int
     checksum: int
     payload: bytes
+    compressed: bool = False  # a DATA_Z frame: the payload is one zstd frame
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ PROTOCOL_VERSION = 2
 T_HELLO = 0x48  # "H"  transmitter -> receiver, first frame of every connection
 T_WELCOME = 0x57  # "W"  receiver -> transmitter, answer to HELLO
 T_DATA = 0x44  # "D"  transmitter -> receiver
+T_DATA_Z = 0x5A  # "Z"  transmitter -> receiver: DATA whose payload is one zstd frame
 T_ACK = 0x41  # "A"  receiver -> transmitter
 T_BYE = 0x42  # "B"  transmitter -> receiver, end of stream
 T_BYE_OK = 0x62  # "b"  receiver -> transmitter, everything written
@@ -73,14 +74,16 @@ class ErrorCode(IntEnum):
 class Feature(IntEnum):
     """Bits of the HELLO ``features`` word.
 
-    The low nibble names the checksum algorithm; the next two are reserved for compression and
-    encryption so that later versions can negotiate them without a new frame layout.
+    The low nibble names the checksum algorithm, the next one the compression DATA_Z frames may
+    use (a receiver that did not see it announced refuses them); the third is reserved for
+    encryption so that later versions can negotiate it without a new frame layout.
     """
 
     CHECKSUM_MASK = 0x0000000F
     CHECKSUM_CRC32 = 0x00000001
     CHECKSUM_XXH3 = 0x00000002  # XXH3-64, low 32 bits
     COMPRESSION_MASK = 0x000000F0
+    COMPRESSION_ZSTD = 0x00000010  # DATA_Z payloads are single zstd frames
     ENCRYPTION_MASK = 0x00000F00
 
 
@@ -163,6 +166,7 @@ BODIES = {
     T_HELLO: HELLO_BODY,
     T_WELCOME: WELCOME_BODY,
     T_DATA: DATA_BODY,
+    T_DATA_Z: DATA_BODY,
     T_ACK: ACK_BODY,
     T_BYE: BYE_BODY,
     T_BYE_OK: BYE_OK_BODY,
@@ -186,5 +190,5 @@ DATA_HEADER_SIZE = DATA_HEADER.size
 #: Fast path for the receiver's ACK frames.
 ACK_FRAME = struct.Struct("!BQQ")
 
-assert FIXED_SIZE[T_DATA] == DATA_HEADER_SIZE
+assert FIXED_SIZE[T_DATA] == FIXED_SIZE[T_DATA_Z] == DATA_HEADER_SIZE
 assert FIXED_SIZE[T_ACK] == ACK_FRAME.size

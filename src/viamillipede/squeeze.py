@@ -1,0 +1,408 @@
+"""Compression of chunks (the sidechain): zstd per chunk, in worker threads, and the policy that
+decides chunk by chunk whether, and how hard, to compress.
+
+Why one zstd frame per chunk: chunks arrive in any order, on any connection, and a re-send must
+be the very bytes sealed the first time, so each chunk has to decode alone.  The frame header
+carries the chunk's size, which also bounds what a receiver will ever decompress.
+
+Why a policy: zstd at level 1 runs at ~450 MB/s per core here and decompresses at ~1 GB/s.  On
+a 200 Mbit link that multiplies the stream; on a fast LAN or loopback it slows it down, because
+the CPU and not the network is what holds the stream back.  :class:`AdaptivePolicy` watches
+which of the two the stream waits for, like ``zstd --adapt``, and checks that each step it
+takes actually made the stream faster.  It is pure (the caller passes ``now`` and reports what
+happened), so its tests run under a fake clock.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import zstandard
+
+__all__ = [
+    "DEFAULT_LEVEL",
+    "LADDER",
+    "MAX_LEVEL",
+    "MIN_GAIN",
+    "MIN_LEVEL",
+    "AdaptivePolicy",
+    "BadFrame",
+    "CompressionCounters",
+    "CompressionStats",
+    "FixedPolicy",
+    "Policy",
+    "Squeezer",
+    "compress_workers",
+    "parse_compress",
+]
+
+#: The levels ``auto`` moves between, fastest first.
+LADDER: tuple[int, ...] = (-5, -1, 1, 3, 6)
+#: Where ``auto`` starts: cheap enough that a fast path notices the cost within a few chunks,
+#: strong enough to matter on a slow one from the first chunk.
+START_LEVEL = 1
+#: ``zstd`` without a level, as the zstd command has it.
+DEFAULT_LEVEL = 3
+#: The levels ``zstd:LEVEL`` accepts: zstd's negative (fast) levels down to -7, and up to 19
+#: (20 to 22 need windows far larger than a chunk for nothing).
+MIN_LEVEL = -7
+MAX_LEVEL = 19
+#: A chunk goes compressed only if it shrinks to this fraction of its size or less; otherwise
+#: the receiver would pay a decompression for next to nothing.
+MIN_GAIN = 0.97
+
+
+def compress_workers() -> int:
+    """Chunks compressed (or decompressed) at once: one per core, since zstd releases the
+    GIL; at most four."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+class BadFrame(ValueError):
+    """A compressed payload that does not decode to one chunk of the announced size."""
+
+
+class Squeezer:
+    """Compresses and decompresses single chunks.  Thread-safe: each worker thread keeps its
+    own zstd contexts (a context is not safe to share, and making one per chunk costs more
+    than a small chunk's compression)."""
+
+    def __init__(self) -> None:
+        # Imported here: it costs ~35 ms, which a session that does not compress should not
+        # pay at start-up.
+        import zstandard
+
+        self._zstd = zstandard
+        self._local = threading.local()
+
+    def _compressor(self, level: int) -> zstandard.ZstdCompressor:
+        cache: dict[int, zstandard.ZstdCompressor] | None = getattr(self._local, "c", None)
+        if cache is None:
+            cache = self._local.c = {}
+        ctx = cache.get(level)
+        if ctx is None:
+            # The content size goes in the frame header (the receiver's bound); no zstd
+            # checksum: the seal, or the session's checksum, already covers the bytes.
+            ctx = cache[level] = self._zstd.ZstdCompressor(
+                level=level, write_content_size=True, write_checksum=False)
+        return ctx
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        ctx: zstandard.ZstdDecompressor | None = getattr(self._local, "d", None)
+        if ctx is None:
+            ctx = self._local.d = self._zstd.ZstdDecompressor()
+        return ctx
+
+    def compress_into(self, level: int, src: memoryview, dst: memoryview) -> int:
+        """Compress ``src`` into ``dst`` (which may be ``src`` itself: the frame is made
+        before it is copied); return its length, or 0 if it would not shrink to
+        :data:`MIN_GAIN` of ``src`` (send it raw).  Runs with the GIL released."""
+        frame = self._compressor(level).compress(src)
+        n = len(frame)
+        if n > MIN_GAIN * len(src) or n > len(dst):
+            return 0
+        dst[:n] = frame
+        return n
+
+    def decompress_into(self, src: memoryview, dst: memoryview) -> int:
+        """Decode one frame from ``src`` into ``dst``; return the chunk's length.  Raises
+        BadFrame for anything but one frame whose announced size is 1 to ``len(dst)`` bytes and
+        which decodes to exactly that: a hostile frame cannot make us decode more than ``dst``
+        holds."""
+        zstd = self._zstd
+        try:
+            size = zstd.frame_content_size(src)
+        except zstd.ZstdError as exc:
+            raise BadFrame(f"not a zstd frame ({exc})") from None
+        if not 1 <= size <= len(dst):
+            raise BadFrame(f"a frame announcing {size} bytes (at most {len(dst)} allowed)")
+        try:
+            reader = self._decompressor().stream_reader(src, read_across_frames=False)
+            n = 0
+            while n < size:
+                got = reader.readinto(dst[n:size])
+                if not got:
+                    break
+                n += got
+            extra = reader.read(1)
+        except zstd.ZstdError as exc:
+            raise BadFrame(f"the frame does not decode ({exc})") from None
+        if n != size or extra:
+            raise BadFrame(f"the frame decodes to {n + len(extra)}{'+' if extra else ''} "
+                           f"bytes, not the {size} it announces")
+        return n
+
+
+def parse_compress(text: str) -> int | str | None:
+    """``auto``, ``zstd[:LEVEL]`` or ``off`` (any case) as: "auto", a level, or None (off).
+    Raises ValueError with a sentence for anything else."""
+    word = text.strip().lower()
+    if word == "auto":
+        return "auto"
+    if word in ("off", "no", "none"):
+        return None
+    if word == "zstd":
+        return DEFAULT_LEVEL
+    if word.startswith("zstd:"):
+        try:
+            level = int(word[5:])
+        except ValueError:
+            raise ValueError(f"compression level {word[5:]!r} is not a number") from None
+        if not MIN_LEVEL <= level <= MAX_LEVEL or level == 0:
+            raise ValueError(f"compression level {level} is out of range: zstd levels "
+                             f"{MIN_LEVEL} to -1 (fast) and 1 to {MAX_LEVEL}")
+        return level
+    raise ValueError(f"unknown compression {text!r}: say auto, zstd, zstd:LEVEL or off")
+
+
+# -- the policy --------------------------------------------------------------------------------
+
+
+class Policy(Protocol):
+    """Decides the level of each chunk; told what the stream waited for and what each chunk
+    became."""
+
+    def level(self, now: float) -> int | None:
+        """The level to compress the next chunk at, or None to send it as it is."""
+
+    def waited(self, now: float, *, window: float = 0.0, worker: float = 0.0) -> None:
+        """The reader waited ``window`` seconds for room in the window (the network or the
+        receiver holds the stream back) or ``worker`` seconds for a free compressor (the
+        CPU does)."""
+
+    def done(self, level: int | None, raw: int, wire: int, now: float) -> None:
+        """A chunk of ``raw`` bytes, tried at ``level``, goes out as ``wire`` bytes (``raw``
+        when sent as it is)."""
+
+    def describe(self) -> str:
+        """The level in use, for reports."""
+
+
+class FixedPolicy:
+    """``zstd:LEVEL``: every chunk at that level (still sent raw when it does not shrink)."""
+
+    def __init__(self, level: int) -> None:
+        self._level = level
+
+    def level(self, now: float) -> int | None:
+        return self._level
+
+    def waited(self, now: float, *, window: float = 0.0, worker: float = 0.0) -> None:
+        pass
+
+    def done(self, level: int | None, raw: int, wire: int, now: float) -> None:
+        pass
+
+    def describe(self) -> str:
+        return f"zstd:{self._level}"
+
+
+#: A decision is taken every PERIOD seconds of stream, once at least MIN_CHUNKS chunks were
+#: prepared in it (fewer say nothing about a rate).
+PERIOD = 0.25
+MIN_CHUNKS = 4
+#: The reader waited for a compressor this share of the period: the CPU holds the stream back.
+CPU_BUSY = 0.10
+#: The reader waited for room in the window this share of the period: the network does.
+NET_BUSY = 0.50
+#: A step up must keep at least this share of the rate before it, or it is undone.
+KEEP_RATE = 0.97
+#: A step up that was undone is not tried again for this long, doubling each time it fails.
+BAR_FIRST, BAR_MAX = 2.0, 60.0
+#: After MISSES chunks in a row that did not shrink, compression stops; one chunk is tried
+#: again after PROBE_FIRST chunks, then doubling up to PROBE_MAX (a try costs ~0.5 ms on
+#: incompressible data, so the cost stays ~1% at the most).
+MISSES = 4
+PROBE_FIRST, PROBE_MAX = 8, 64
+
+
+class AdaptivePolicy:
+    """``compress`` / ``compress auto``.
+
+    Moves along :data:`LADDER` (and to "off" below it): up while the stream waits for the
+    window and not for a compressor, down while it waits for a compressor.  After each step it
+    lets the window turn over (the chunks in flight were made at the old level) and then
+    measures the stream's rate; a step up that made the stream slower is undone and barred
+    for a while, so a path where compression does not pay (the receiver's CPU is the limit,
+    say) does not see it tried over and over.  Data that does not compress stops compression
+    at once, whatever the level, and is probed now and then.
+    """
+
+    def __init__(self, window: int, *, ladder: tuple[int, ...] = LADDER,
+                 start: int = START_LEVEL) -> None:
+        self._ladder = ladder
+        self._window = max(1, window)
+        self.index = ladder.index(start)  # -1: off
+        self._begin(0.0)
+        self._settle = 0  # chunks still to prepare before the period counts
+        self._rates: dict[int, float] = {}  # index -> raw bytes/s measured there last
+        self._from: int | None = None  # the index a step up came from, until it is judged
+        self._bar_until: dict[int, float] = {}  # index -> no step up to it before this
+        self._bar_for: dict[int, float] = {}
+        self._misses = 0
+        self.incompressible = False
+        self._probe_in = 0  # chunks until the next probe
+        self._probe_every = PROBE_FIRST
+        self._asked = 0  # calls of level(); done() is called once for each, in the same order
+        self._answered = 0
+        self._probe = 0  # the call of level() that asked for a probe (0: none pending)
+        self.steps = 0  # level changes, for reports and tests
+
+    # -- what the caller asks ------------------------------------------------------------
+
+    def level(self, now: float) -> int | None:
+        self._maybe_decide(now)
+        self._asked += 1
+        if self.incompressible:
+            if self._probe_in <= 0 and not self._probe:
+                self._probe = self._asked
+                return self._ladder[max(self.index, 0)]
+            return None
+        return self._ladder[self.index] if self.index >= 0 else None
+
+    def describe(self) -> str:
+        if self.incompressible:
+            return "auto (off: the data does not compress)"
+        if self.index < 0:
+            return "auto (off)"
+        return f"auto (zstd:{self._ladder[self.index]})"
+
+    # -- what the caller tells -----------------------------------------------------------
+
+    def waited(self, now: float, *, window: float = 0.0, worker: float = 0.0) -> None:
+        self._wait_window += window
+        self._wait_worker += worker
+
+    def done(self, level: int | None, raw: int, wire: int, now: float) -> None:
+        self._answered += 1
+        self._raw += raw
+        self._chunks += 1
+        if self._settle:
+            self._settle -= 1
+            if not self._settle:
+                self._begin(now)
+        if level is None:
+            if self.incompressible:
+                self._probe_in -= 1
+            return
+        shrank = wire < raw
+        if self._probe and self._answered == self._probe:
+            self._probe = 0
+            if shrank:
+                self.incompressible = False
+                self._misses = 0
+                self._probe_every = PROBE_FIRST
+                self._changed(now)
+            else:
+                self._probe_every = min(2 * self._probe_every, PROBE_MAX)
+                self._probe_in = self._probe_every
+            return
+        if shrank:
+            self._misses = 0
+            return
+        self._misses += 1
+        if self._misses >= MISSES and not self.incompressible:
+            self.incompressible = True
+            self._probe_in = self._probe_every
+            self._changed(now)
+
+    # -- deciding ------------------------------------------------------------------------
+
+    def _begin(self, now: float) -> None:
+        self._start = now
+        self._raw = 0
+        self._chunks = 0
+        self._wait_window = 0.0
+        self._wait_worker = 0.0
+
+    def _changed(self, now: float) -> None:
+        """The level changed: what is in the window was made at the old one; measure only
+        once it has turned over."""
+        self.steps += 1
+        self._settle = self._window
+        self._begin(now)
+
+    def _maybe_decide(self, now: float) -> None:
+        elapsed = now - self._start
+        if self._settle or self.incompressible or elapsed < PERIOD or self._chunks < MIN_CHUNKS:
+            return
+        rate = self._raw / elapsed
+        cpu = self._wait_worker / elapsed
+        net = self._wait_window / elapsed
+        here = self.index
+        self._rates[here] = rate
+        came_from, self._from = self._from, None
+        if came_from is not None and rate < KEEP_RATE * self._rates.get(came_from, 0.0):
+            bar = self._bar_for.get(here, BAR_FIRST / 2) * 2
+            self._bar_for[here] = min(bar, BAR_MAX)
+            self._bar_until[here] = now + self._bar_for[here]
+            self.index = came_from
+            self._changed(now)
+            return
+        if came_from is not None:
+            self._bar_for.pop(here, None)  # that step paid off
+        if cpu > CPU_BUSY and here >= 0:
+            self.index = here - 1
+            self._changed(now)
+        elif (net > NET_BUSY and here + 1 < len(self._ladder)
+              and self._bar_until.get(here + 1, 0.0) <= now):
+            self._from = here
+            self.index = here + 1
+            self._changed(now)
+        else:
+            self._begin(now)
+
+
+# -- counting ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CompressionStats:
+    """What compression did to the stream so far (both ends: the receiver counts what it
+    decompressed)."""
+
+    setting: str
+    """The level in use (for ``auto``, the level it is at now)."""
+    raw_bytes: int
+    """Bytes of the stream."""
+    wire_bytes: int
+    """What they became on the wire (payloads, before sealing)."""
+    ratio: float
+    """``wire_bytes / raw_bytes``."""
+    chunks: int
+    chunks_raw: int
+    """Chunks sent as they were: not tried, or they did not shrink enough."""
+    raw_share: float
+    """``chunks_raw / chunks``."""
+
+    def summary(self) -> str:
+        return (f"compression {self.setting}: {self.raw_bytes} bytes as {self.wire_bytes} "
+                f"(ratio {self.ratio:.3f}), {100 * self.raw_share:.0f}% of {self.chunks} "
+                "chunks sent raw")
+
+
+@dataclass(slots=True)
+class CompressionCounters:
+    setting: str
+    raw_bytes: int = 0
+    wire_bytes: int = 0
+    chunks: int = 0
+    chunks_raw: int = 0
+
+    def count(self, raw: int, wire: int, compressed: bool) -> None:
+        self.raw_bytes += raw
+        self.wire_bytes += wire
+        self.chunks += 1
+        if not compressed:
+            self.chunks_raw += 1
+
+    def snapshot(self) -> CompressionStats:
+        return CompressionStats(
+            setting=self.setting, raw_bytes=self.raw_bytes, wire_bytes=self.wire_bytes,
+            ratio=self.wire_bytes / self.raw_bytes if self.raw_bytes else 1.0,
+            chunks=self.chunks, chunks_raw=self.chunks_raw,
+            raw_share=self.chunks_raw / self.chunks if self.chunks else 0.0)
