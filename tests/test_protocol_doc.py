@@ -168,6 +168,19 @@ def test_data_vector_checksums_are_crc32() -> None:
     assert hello.features & wire.Feature.CHECKSUM_MASK == 1
 
 
+def test_data_z_vector_decodes_to_its_checksummed_chunk() -> None:
+    """The DATA_Z vector's payload is one zstd frame that our own decoder takes, and its
+    checksum is that of the decoded chunk (not of the compressed bytes)."""
+    from viamillipede.squeeze import Squeezer
+
+    event, data = VECTORS["data-z-crc32"]
+    assert isinstance(event, wire.Data) and event.compressed and data[0] == ord("Z")
+    out = bytearray(1000)
+    n = Squeezer().decompress_into(memoryview(event.payload), memoryview(out))
+    assert bytes(out[:n]) == b"millipede " * 12
+    assert event.checksum == zlib.crc32(out[:n]) != zlib.crc32(event.payload)
+
+
 def test_error_vectors_carry_text() -> None:
     errors = [e for e, _ in VECTORS.values() if isinstance(e, wire.Error)]
     assert errors and all(e.message for e in errors)
@@ -179,7 +192,7 @@ def test_documented_sizes_match_frames() -> None:
     section 2 a heading for it."""
     text = DOC.read_text(encoding="utf-8")
     assert set(TYPE_CODES) == {
-        "HELLO", "AUTH", "WELCOME", "DATA", "ACK", "BYE", "BYE_OK", "FIN", "ERROR"}
+        "HELLO", "AUTH", "WELCOME", "DATA", "DATA_Z", "ACK", "BYE", "BYE_OK", "FIN", "ERROR"}
     for name, code in TYPE_CODES.items():
         row = re.search(rf"^\| {name} \| `0x{code:02x}` \| `{chr(code)}` \|.*?\| (\d+) \|", text,
                         re.MULTILINE)

@@ -76,6 +76,9 @@ Examples:
   {PROG} rx 8834 --checkphrase-file ~/.vmp-phrase > dir.tar
   # a network you trust: zero-copy in clear, every chunk still checked (XXH3):
   {PROG} rx 8834 plaintext checksum > dir.tar
+  # a slow link and data that compresses (a raw zfs send, logs): zstd chunks,
+  # only while the link and not the CPU is what holds the stream back:
+  zfs send pool/fs@snap | {PROG} tx backup1 8834 compress
   # at most 50 MB/s (50,000,000 bytes a second), evenly, without bursts:
   zfs send pool/fs@snap | {PROG} tx backup1 8834 limit 50M
   # a loopback smoke test:
@@ -119,6 +122,14 @@ Words (the original grammar, any order) and their --flag spellings:
   plaintext           --plaintext        send the data in clear (zero-copy; for a
                                          network you trust); both ends must say it,
                                          the handshake stays authenticated
+  compress [HOW]      --compress HOW     tx: zstd per chunk, in parallel worker
+                                         threads; the receiver follows. HOW: auto
+                                         (the word alone): compress while the
+                                         network holds the stream back, not the
+                                         CPU, at the level that goes fastest;
+                                         zstd[:LEVEL] always (-7..-1 fast, 1..19,
+                                         zstd alone is 3); off (default). Chunks
+                                         that do not shrink go as they are
   timeout SECONDS     --timeout SECONDS  give up after this long without progress
                                          (default {DEFAULT_TIMEOUT:g})
   limit RATE          --limit RATE       at most RATE bytes a second for the whole
@@ -184,6 +195,8 @@ class Config:
     checkphrase: bytes = DEFAULT_CHECKPHRASE.encode()
     key: bytes | None = None
     plaintext: bool = False
+    #: tx: "auto", a zstd level, or None (off)
+    compress: int | str | None = None
     keygen: str | None = None
     chaos: int | None = None
     chaos_rate: float | None = None
@@ -465,6 +478,8 @@ def parse(argv: Sequence[str]) -> Config | str:
             cfg.key = read_key(arg("a key file (made by keygen)"))
         elif word == "plaintext":
             cfg.plaintext = True
+        elif word == "compress":
+            cfg.compress = _compress(raw, inline, words)
         elif word == "keygen":
             set_mode("keygen")
             cfg.keygen = arg("a file to write the key to")
@@ -502,6 +517,9 @@ def parse(argv: Sequence[str]) -> Config | str:
         raise UsageError("give a key file or a checkphrase, not both")
     if cfg.listen is not None and cfg.mode != "rx":
         raise UsageError("--listen goes with rx")
+    if cfg.compress is not None and cfg.mode != "tx":
+        raise UsageError("compress goes with tx: the receiver follows what the transmitter "
+                         "announces")
     if cfg.retry_resolve and cfg.mode != "tx":
         raise UsageError("retry-resolve goes with tx")
     if cfg.limit is not None:
@@ -513,6 +531,32 @@ def parse(argv: Sequence[str]) -> Config | str:
         raise UsageError("chaos fault 'corrupt' in plaintext needs checksum, or the output will "
                          "be damaged")
     return cfg
+
+
+def _compress(raw: str, inline: str | None, words: _Words) -> int | str | None:
+    """``compress`` alone means auto; a value after it is taken only if it is one
+    (``compress tx HOST PORT`` must leave ``tx`` alone)."""
+    from .squeeze import parse_compress
+
+    if inline is not None:
+        text = inline
+    else:
+        following = words.peek()
+        if following is None:
+            return "auto"
+        try:
+            parse_compress(following)
+        except ValueError:
+            if following.lower().startswith("zstd"):
+                text = words.next()  # clearly meant as the value: say what is wrong with it
+            else:
+                return "auto"
+        else:
+            text = words.next()
+    try:
+        return parse_compress(text)
+    except ValueError as exc:
+        raise UsageError(f"{raw}: {exc}") from None
 
 
 def _check_ssh(cfg: Config, phrase_given: bool) -> None:
@@ -644,7 +688,7 @@ def _run(cfg: Config, log: logging.Logger, *, output_fd: int | None = None,
                 into, cfg.targets, threads=cfg.threads, chunk_size=cfg.chunk_size,
                 checksum=cfg.checksum, checkphrase=cfg.checkphrase, key=cfg.key,
                 plaintext=cfg.plaintext, idle_timeout=cfg.timeout,
-                wrap=chaos.transmitter_wrapper() if chaos else None,
+                wrap=chaos.transmitter_wrapper() if chaos else None, compress=cfg.compress,
             )
             size = cfg.size if cfg.size is not None else known_size(sys.stdin.fileno())
             run = session.run()
@@ -664,6 +708,8 @@ def _run(cfg: Config, log: logging.Logger, *, output_fd: int | None = None,
             reports.append(watched.report())  # for --stats-json, taken while the clock runs
             await close()
         log.log(NOTE, "%s", stats.summary())
+        if (compression := watched.report().compression) is not None:
+            log.log(NOTE, "%s", compression.summary())
         if log.isEnabledFor(logging.INFO):  # verbose >= 2, as SIGUSR2 may have changed it
             sys.stderr.write(watched.report().render() + "\n")
 

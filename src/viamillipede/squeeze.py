@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -32,6 +34,7 @@ __all__ = [
     "AdaptivePolicy",
     "BadFrame",
     "CompressionCounters",
+    "CpuMeter",
     "CompressionStats",
     "FixedPolicy",
     "Policy",
@@ -203,15 +206,20 @@ class FixedPolicy:
 
 #: A decision is taken every PERIOD seconds of stream, once at least MIN_CHUNKS chunks were
 #: prepared in it (fewer say nothing about a rate).
-PERIOD = 0.25
+PERIOD = 0.2
 MIN_CHUNKS = 4
 #: The reader waited for a compressor this share of the period: the CPU holds the stream back.
 CPU_BUSY = 0.10
 #: The reader waited for room in the window this share of the period: the network does.
 NET_BUSY = 0.50
-#: A step up must keep at least this share of the rate before it, or it is undone.
+#: Idle cores on this host (all processes): below IDLE_LOW compression competes with the rest
+#: of the work (the receiver, on loopback) and steps down; it steps up only with IDLE_ROOM.
+IDLE_LOW = 0.25
+IDLE_ROOM = 0.5
+#: Turning compression on must keep at least this share of the rate without it, measured once
+#: the window has turned over, or it is turned off again.
 KEEP_RATE = 0.97
-#: A step up that was undone is not tried again for this long, doubling each time it fails.
+#: ... and not tried again for this long, doubling each time it fails.
 BAR_FIRST, BAR_MAX = 2.0, 60.0
 #: After MISSES chunks in a row that did not shrink, compression stops; one chunk is tried
 #: again after PROBE_FIRST chunks, then doubling up to PROBE_MAX (a try costs ~0.5 ms on
@@ -220,29 +228,64 @@ MISSES = 4
 PROBE_FIRST, PROBE_MAX = 8, 64
 
 
+class CpuMeter:
+    """Idle cores of this host since the last reading, from ``/proc/stat`` (None where there
+    is no such file).  The whole host, not this process: on loopback the receiver's work is
+    what compression would take the CPU from."""
+
+    def __init__(self, path: str = "/proc/stat") -> None:
+        self._path = path
+        self._last = self._read()
+
+    def _read(self) -> tuple[int, int, int] | None:
+        try:
+            with open(self._path, "rb") as f:
+                text = f.read(8192)
+        except OSError:
+            return None
+        cores = text.count(b"\ncpu")
+        fields = text.split(b"\n", 1)[0].split()
+        if fields[:1] != [b"cpu"] or len(fields) < 6 or not cores:
+            return None
+        ticks = [int(x) for x in fields[1:]]
+        return sum(ticks[:8]), ticks[3] + ticks[4], cores  # total, idle + iowait, cores
+
+    def idle(self) -> float | None:
+        now = self._read()
+        last, self._last = self._last, now
+        if now is None or last is None or now[0] <= last[0]:
+            return None
+        return (now[1] - last[1]) / (now[0] - last[0]) * now[2]
+
+
 class AdaptivePolicy:
     """``compress`` / ``compress auto``.
 
-    Moves along :data:`LADDER` (and to "off" below it): up while the stream waits for the
-    window and not for a compressor, down while it waits for a compressor.  After each step it
-    lets the window turn over (the chunks in flight were made at the old level) and then
-    measures the stream's rate; a step up that made the stream slower is undone and barred
-    for a while, so a path where compression does not pay (the receiver's CPU is the limit,
-    say) does not see it tried over and over.  Data that does not compress stops compression
-    at once, whatever the level, and is probed now and then.
+    Starts off.  Every :data:`PERIOD` it looks at what the reader waited for: for room in the
+    window (the network, or the receiver, holds the stream back) or for a free compressor
+    (the CPU does), and at how many cores of this host are idle.  Network-bound with cores to
+    spare: one step up :data:`LADDER` (from off, straight to :data:`START_LEVEL`).  CPU-bound,
+    or no core to spare: one step down, to off at the bottom.  Turning compression on is then
+    judged once the window has turned over (the chunks in flight were made without it): if the
+    stream is slower than it was without, it goes off again and stays off for a while, so a
+    path where compression does not pay (the receiver's CPU is the limit, say) does not see it
+    tried over and over.  Data that does not compress stops compression within a few chunks,
+    whatever the level, and is probed now and then.
     """
 
-    def __init__(self, window: int, *, ladder: tuple[int, ...] = LADDER,
-                 start: int = START_LEVEL) -> None:
+    def __init__(self, window: int, *, idle: Callable[[], float | None] | None = None,
+                 ladder: tuple[int, ...] = LADDER, start: int = START_LEVEL) -> None:
         self._ladder = ladder
+        self._start_index = ladder.index(start)
         self._window = max(1, window)
-        self.index = ladder.index(start)  # -1: off
+        self._idle = idle or (lambda: None)
+        self.index = -1  # -1: off, else a place on the ladder
         self._begin(0.0)
-        self._settle = 0  # chunks still to prepare before the period counts
-        self._rates: dict[int, float] = {}  # index -> raw bytes/s measured there last
-        self._from: int | None = None  # the index a step up came from, until it is judged
-        self._bar_until: dict[int, float] = {}  # index -> no step up to it before this
-        self._bar_for: dict[int, float] = {}
+        self._settle = 0  # chunks still to prepare before a period's rate counts
+        self._rate_off: float | None = None  # raw bytes/s measured with compression off
+        self._judging = False  # compression was turned on; is the stream faster for it?
+        self._barred_until = 0.0
+        self._bar = BAR_FIRST / 2
         self._misses = 0
         self.incompressible = False
         self._probe_in = 0  # chunks until the next probe
@@ -250,7 +293,11 @@ class AdaptivePolicy:
         self._asked = 0  # calls of level(); done() is called once for each, in the same order
         self._answered = 0
         self._probe = 0  # the call of level() that asked for a probe (0: none pending)
-        self.steps = 0  # level changes, for reports and tests
+        self.steps = 0  # level changes
+        #: The last few decisions with what they were based on, for the debug log, and how
+        #: many there were in all.
+        self.decisions: deque[str] = deque(maxlen=32)
+        self.decided = 0
 
     # -- what the caller asks ------------------------------------------------------------
 
@@ -260,7 +307,7 @@ class AdaptivePolicy:
         if self.incompressible:
             if self._probe_in <= 0 and not self._probe:
                 self._probe = self._asked
-                return self._ladder[max(self.index, 0)]
+                return self._ladder[max(self.index, self._start_index)]
             return None
         return self._ladder[self.index] if self.index >= 0 else None
 
@@ -296,6 +343,7 @@ class AdaptivePolicy:
                 self.incompressible = False
                 self._misses = 0
                 self._probe_every = PROBE_FIRST
+                self._note(now, "the data compresses again")
                 self._changed(now)
             else:
                 self._probe_every = min(2 * self._probe_every, PROBE_MAX)
@@ -307,7 +355,9 @@ class AdaptivePolicy:
         self._misses += 1
         if self._misses >= MISSES and not self.incompressible:
             self.incompressible = True
+            self._judging = False
             self._probe_in = self._probe_every
+            self._note(now, f"{MISSES} chunks in a row did not shrink: off, probing")
             self._changed(now)
 
     # -- deciding ------------------------------------------------------------------------
@@ -320,39 +370,58 @@ class AdaptivePolicy:
         self._wait_worker = 0.0
 
     def _changed(self, now: float) -> None:
-        """The level changed: what is in the window was made at the old one; measure only
+        """The level changed: the window holds chunks made at the old one; a rate counts only
         once it has turned over."""
         self.steps += 1
         self._settle = self._window
         self._begin(now)
 
+    def _note(self, now: float, what: str) -> None:
+        self.decisions.append(f"{now:.2f} s: {what}")
+        self.decided += 1
+
+    def _move(self, now: float, index: int, why: str) -> None:
+        self.index = index
+        where = f"zstd:{self._ladder[index]}" if index >= 0 else "off"
+        self._note(now, f"{where} ({why})")
+        self._changed(now)
+
     def _maybe_decide(self, now: float) -> None:
         elapsed = now - self._start
-        if self._settle or self.incompressible or elapsed < PERIOD or self._chunks < MIN_CHUNKS:
+        if self.incompressible or elapsed < PERIOD or self._chunks < MIN_CHUNKS:
             return
+        settled = not self._settle
         rate = self._raw / elapsed
         cpu = self._wait_worker / elapsed
         net = self._wait_window / elapsed
+        idle = self._idle()
+        signals = (f"{rate / 1e6:.0f} MB/s, waited for the window {100 * net:.0f}%, for a "
+                   f"compressor {100 * cpu:.0f}%, idle cores "
+                   f"{'?' if idle is None else f'{idle:.2f}'}")
         here = self.index
-        self._rates[here] = rate
-        came_from, self._from = self._from, None
-        if came_from is not None and rate < KEEP_RATE * self._rates.get(came_from, 0.0):
-            bar = self._bar_for.get(here, BAR_FIRST / 2) * 2
-            self._bar_for[here] = min(bar, BAR_MAX)
-            self._bar_until[here] = now + self._bar_for[here]
-            self.index = came_from
-            self._changed(now)
-            return
-        if came_from is not None:
-            self._bar_for.pop(here, None)  # that step paid off
-        if cpu > CPU_BUSY and here >= 0:
-            self.index = here - 1
-            self._changed(now)
-        elif (net > NET_BUSY and here + 1 < len(self._ladder)
-              and self._bar_until.get(here + 1, 0.0) <= now):
-            self._from = here
-            self.index = here + 1
-            self._changed(now)
+        if settled and here < 0:
+            self._rate_off = rate
+        if self._judging and settled:
+            self._judging = False
+            if rate < KEEP_RATE * (self._rate_off or 0.0):
+                self._bar = min(2 * self._bar, BAR_MAX)
+                self._barred_until = now + self._bar
+                self._move(now, -1, f"slower than without: {signals}; not again for "
+                                    f"{self._bar:g} s")
+                return
+            self._bar = BAR_FIRST / 2
+        busy = cpu > CPU_BUSY or (idle is not None and idle < IDLE_LOW)
+        room = cpu < CPU_BUSY / 2 and (idle is None or idle >= IDLE_ROOM)
+        if busy and here >= 0:
+            self._move(now, here - 1, f"CPU-bound: {signals}")
+        elif net > NET_BUSY and room and here + 1 < len(self._ladder):
+            if here >= 0:
+                self._move(now, here + 1, f"network-bound: {signals}")
+            elif now >= self._barred_until and self._rate_off is not None:
+                self._judging = True
+                self._move(now, self._start_index, f"network-bound: {signals}")
+            else:
+                self._begin(now)
         else:
             self._begin(now)
 

@@ -48,6 +48,7 @@ from .squeeze import (
     AdaptivePolicy,
     CompressionCounters,
     CompressionStats,
+    CpuMeter,
     FixedPolicy,
     Policy,
     Squeezer,
@@ -159,7 +160,7 @@ class Transmitter:
         self._policy: Policy | None = None
         self._compression: CompressionCounters | None = None
         if compress is not None:
-            self._policy = (AdaptivePolicy(window) if compress == "auto"
+            self._policy = (AdaptivePolicy(window, idle=CpuMeter().idle) if compress == "auto"
                             else FixedPolicy(int(compress)))
             self._compression = CompressionCounters(self._policy.describe())
             algorithm |= Feature.COMPRESSION_ZSTD
@@ -291,6 +292,8 @@ class Transmitter:
         stats = self._compression
         assert stats is not None
         squeezer = Squeezer()
+        adaptive = policy if isinstance(policy, AdaptivePolicy) else None
+        told = 0
         workers = compress_workers()
         free = anyio.Semaphore(workers)
         send, receive = anyio.create_memory_object_stream[_Job](workers)
@@ -335,6 +338,10 @@ class Transmitter:
                     now = anyio.current_time()
                     compressed = chunk.length < chunk.raw
                     policy.done(job.level, chunk.raw, chunk.length, now)
+                    if adaptive is not None and told < adaptive.decided:
+                        for line in list(adaptive.decisions)[told - adaptive.decided:]:
+                            log.debug("compression at %s", line)
+                        told = adaptive.decided
                     stats.count(chunk.raw, chunk.length, compressed)
                     stats.setting = policy.describe()
                     counters.chunks += 1
