@@ -37,6 +37,7 @@ from .transport import ConnectFailed, FdSink, FdSource, connect, listen
 
 if TYPE_CHECKING:
     from .receiver import Receiver, Sink
+    from .squeeze import Policy
     from .transmitter import Source, Transmitter
 
 Target = tuple[str, int]
@@ -72,7 +73,7 @@ async def send(
     wrap: ClientWrapper | None = None,
     limit: float | None = None,
     retry_resolve: bool = False,
-    compress: int | str | None = None,
+    compress: int | str | Policy | None = None,
 ) -> TransferStats:
     """Send everything ``source`` yields to the receiver(s) at ``targets``.
 
@@ -122,7 +123,7 @@ def tcp_transmitter(
     idle_timeout: float = DEFAULT_TIMEOUT,
     wrap: ClientWrapper | None = None,
     limit: float | None = None,
-    compress: int | str | None = None,
+    compress: int | str | Policy | None = None,
 ) -> Transmitter:
     """The transmitter :func:`send` runs, for callers that want its reports or to abort it.
 

@@ -386,6 +386,14 @@ _SWITCHES = frozenset(
 )
 
 
+#: The words of the original grammar: never taken as the value of an optional one.
+_GRAMMAR_WORDS = frozenset(
+    {"rx", "tx", "threads", "verbose", "checksum", "checksums", "checkphrase", "key",
+     "key-file", "plaintext", "keygen", "chaos", "timeout", "limit", "retry-resolve",
+     "compress", "help"}
+)
+
+
 def parse(argv: Sequence[str]) -> Config | str:
     """Parse arguments into a Config, or return text to print (``--help``, ``--version``)."""
     cfg = Config()
@@ -547,12 +555,14 @@ def _compress(raw: str, inline: str | None, words: _Words) -> int | str | None:
         try:
             parse_compress(following)
         except ValueError:
-            if following.lower().startswith("zstd"):
-                text = words.next()  # clearly meant as the value: say what is wrong with it
-            else:
+            # Clearly meant as the value (say what is wrong with it): a zstd anything, or,
+            # after --compress, any word that is not one of the grammar's or a flag.
+            meant = following.lower().startswith("zstd") or (
+                raw.startswith("--") and not following.startswith("-")
+                and following not in _GRAMMAR_WORDS)
+            if not meant:
                 return "auto"
-        else:
-            text = words.next()
+        text = words.next()
     try:
         return parse_compress(text)
     except ValueError as exc:

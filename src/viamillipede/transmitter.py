@@ -45,6 +45,8 @@ from .options import (
     encode_checkphrase,
 )
 from .squeeze import (
+    MAX_LEVEL,
+    MIN_LEVEL,
     AdaptivePolicy,
     CompressionCounters,
     CompressionStats,
@@ -141,7 +143,7 @@ class Transmitter:
         target: Callable[[int], str] | None = None,
         rank: Callable[[int], int] | None = None,
         session_id: bytes | None = None,
-        compress: int | str | None = None,
+        compress: int | str | Policy | None = None,
     ) -> None:
         if not 1 <= threads <= 64:
             raise ValueError("threads must be between 1 and 64")
@@ -156,12 +158,22 @@ class Transmitter:
         if algorithm and not plaintext:
             log.info("checksum: not needed, every sealed chunk's tag already covers it")
             algorithm = 0
-        # Compression: ``"auto"``, a zstd level, or None (off).
+        # Compression: ``"auto"``, a zstd level, a Policy, or None (off).
         self._policy: Policy | None = None
         self._compression: CompressionCounters | None = None
-        if compress is not None:
-            self._policy = (AdaptivePolicy(window, idle=CpuMeter().idle) if compress == "auto"
-                            else FixedPolicy(int(compress)))
+        if compress == "auto":
+            self._policy = AdaptivePolicy(window, idle=CpuMeter().idle)
+        elif isinstance(compress, int) and not isinstance(compress, bool):
+            if not MIN_LEVEL <= compress <= MAX_LEVEL or compress == 0:
+                raise ValueError(f"zstd level {compress} is out of range ({MIN_LEVEL} to -1, "
+                                 f"1 to {MAX_LEVEL})")
+            self._policy = FixedPolicy(compress)
+        elif compress is not None and not isinstance(compress, str | bool):
+            self._policy = compress  # a policy of the caller's own
+        elif compress is not None:
+            raise ValueError(f"compress is 'auto', a zstd level, a policy or None, not "
+                             f"{compress!r}")
+        if self._policy is not None:
             self._compression = CompressionCounters(self._policy.describe())
             algorithm |= Feature.COMPRESSION_ZSTD
         self._hello = Hello(mode=int(Mode.PLAINTEXT) if plaintext else 0,
