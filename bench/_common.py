@@ -347,10 +347,14 @@ class Feed:
         self.read_fd = -1
         self.child: Child | None = None
 
+    def argv(self) -> list[str]:
+        """The feeder's command line (a subclass may feed something else)."""
+        return feeder_argv(self.size, self.rate)
+
     def start(self, timeout: float = 30.0) -> Feed:
         r, w = os.pipe()
         try:
-            self.child = Child(feeder_argv(self.size, self.rate), stdout=w, stderr=self.stderr)
+            self.child = Child(self.argv(), stdout=w, stderr=self.stderr)
         finally:
             os.close(w)
         self.read_fd = r
@@ -444,9 +448,11 @@ class Rig:
         self.children[name] = child
         return child
 
-    def start_feed(self, size: int, rate: float | None = None) -> Feed:
+    def start_feed(self, size: int, rate: float | None = None,
+                   kind: type[Feed] | None = None, **options: Any) -> Feed:
+        """Start the feeder (``kind``, a Feed by default, with ``options``)."""
         with open(self._log("feed"), "wb") as err:
-            self.feed = Feed(size, rate, stderr=err)
+            self.feed = (kind or Feed)(size, rate, stderr=err, **options)
             try:
                 self.feed.start()
             finally:
