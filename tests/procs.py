@@ -253,6 +253,20 @@ def procs_fixture(tmp_path: Path) -> Iterator[Procs]:
         p.cleanup()
 
 
+_WORDS = (b"the millipede walks on many legs over the network in order and keeps going when "
+          b"a link dies zfs send receive pool snapshot dataset stream chunk window").split()
+
+
+def compressible_text(n: int, seed: int = 1) -> bytes:
+    """``n`` bytes of word salad: compressible (zstd -1 takes it to about a third), and no two
+    runs of it alike, so it is not a trivial case either."""
+    rng = random.Random(seed)
+    out = bytearray()
+    while len(out) < n:
+        out += b" ".join(rng.choices(_WORDS, k=512)) + b"\n"
+    return bytes(out[:n])
+
+
 class Feeder:
     """Writes deterministic pseudo-random bytes into a pipe at a fixed rate, from a thread.
 
@@ -263,8 +277,10 @@ class Feeder:
 
     BLOCK = 64 * 1024
 
-    def __init__(self, pipe: IO[bytes], rate: float, total: int, seed: int = 1) -> None:
+    def __init__(self, pipe: IO[bytes], rate: float, total: int, seed: int = 1,
+                 compressible: bool = False) -> None:
         self.pipe = pipe
+        self.compressible = compressible
         self.rate = rate
         self.total = total
         self.seed = seed
@@ -286,10 +302,16 @@ class Feeder:
 
     def _run(self) -> None:
         rng = random.Random(self.seed)
+        text = compressible_text(2 * self.BLOCK, self.seed) if self.compressible else b""
         start = time.monotonic()
         try:
             while self.written < self.total:
-                block = rng.randbytes(min(self.BLOCK, self.total - self.written))
+                n = min(self.BLOCK, self.total - self.written)
+                if text:  # word salad, zstd takes it to about a third
+                    at = rng.randrange(self.BLOCK)
+                    block = text[at : at + n]
+                else:
+                    block = rng.randbytes(n)
                 self.pipe.write(block)
                 self._hash.update(block)
                 self.written += len(block)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import shutil
 import signal
 import socket
@@ -123,18 +124,21 @@ def ss_kill_unavailable() -> str | None:
 
 
 @pytest.mark.parametrize(
-    ("side", "checksum"),
-    [("tx", False), ("rx", False), ("both", False), ("both", True)],
-    ids=["tx", "rx", "both", "both-checksum"],
+    ("side", "checksum", "compress"),
+    [("tx", False, False), ("rx", False, False), ("both", False, False),
+     ("both", True, False), ("both", False, True)],
+    ids=["tx", "rx", "both", "both-checksum", "both-compressed"],
 )
-def test_connections_killed_three_times(procs: Procs, side: str, checksum: bool) -> None:
+def test_connections_killed_three_times(procs: Procs, side: str, checksum: bool,
+                                        compress: bool) -> None:
     require_or_skip(ss_kill_unavailable())
     port = free_port()
     rx = procs.rx(port)
-    tx_args = ["threads", "4", *CHUNK, "verbose", "1", *(["checksum"] if checksum else [])]
+    tx_args = ["threads", "4", *CHUNK, "verbose", "1", *(["checksum"] if checksum else []),
+               *(["compress", "zstd:1"] if compress else [])]
     tx = procs.tx(port, *tx_args, stdin=subprocess.PIPE)
     assert tx.popen.stdin is not None
-    feeder = Feeder(tx.popen.stdin, RATE, TOTAL).start()
+    feeder = Feeder(tx.popen.stdin, RATE, TOTAL, compressible=compress).start()
 
     def both_running() -> str | None:
         if rx.running() and tx.running():
@@ -163,3 +167,6 @@ def test_connections_killed_three_times(procs: Procs, side: str, checksum: bool)
     assert rx.out_size() == TOTAL
     assert sha256_file(rx.out) == feeder.sha256
     assert "broke" in tx_err, f"the transmitter did not report a broken connection:\n{tx_err}"
+    if compress:
+        ratio = re.search(r"compression zstd:1: \d+ bytes as \d+ \(ratio ([0-9.]+)\)", tx_err)
+        assert ratio and float(ratio[1]) < 0.5, tx_err
