@@ -68,6 +68,7 @@ class Model:
             policy.waited(self.now, window=max(net - max(cpu, src), 0.0),
                           worker=max(cpu - max(net, src), 0.0))
             policy.done(level, CHUNK, wire, self.now)
+            policy.acked(CHUNK, self.now)
             self.levels.append((self.now, level))
             self.raw_at.append((self.now, CHUNK))
             level = policy.level(self.now)

@@ -303,6 +303,7 @@ class Transmitter:
         core, chunks, counters = shared.core, shared.chunks, self._counters
         stats = self._compression
         assert stats is not None
+        shared.policy = policy
         squeezer = Squeezer()
         adaptive = policy if isinstance(policy, AdaptivePolicy) else None
         told = 0
@@ -323,7 +324,9 @@ class Transmitter:
                 seq = core.window.next_seq
                 while True:
                     asked = anyio.current_time()
-                    while not core.can_add(seq - core.window.next_seq):
+                    while not core.can_add(seq - core.window.next_seq) or (
+                            (cap := policy.read_ahead()) is not None
+                            and seq >= core.window.written + cap):
                         await shared.acked.wait()
                     room = anyio.current_time()
                     raw = await chunks.read_raw()
@@ -541,6 +544,7 @@ class _Shared:
         self.down_since: float | None = anyio.current_time()  # since when none is live
         self.went_down = Notifier()
         self.mid_send: set[int] = set()  # connections whose stream is inside a frame
+        self.policy: Policy | None = None  # compression's, told how fast chunks are acked
 
     def up(self, conn: int, stream: anyio.abc.ByteStream, tagger: Tagger) -> None:
         self.live[conn] = (stream, tagger)
@@ -575,6 +579,8 @@ class _Shared:
             chunk.acked = True
             if chunk.sending == 0:
                 self.chunks.release(chunk)
+        if self.policy is not None and items:
+            self.policy.acked(sum(chunk.raw for chunk in items), anyio.current_time())
         self.acked.notify()
         self.wake(wakes)
 
