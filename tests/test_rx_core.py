@@ -177,6 +177,8 @@ def test_the_first_acceptable_hello_binds_the_session() -> None:
     {"chunk_size": 1, "window": MAX_WINDOW},
     {"features": int(Feature.CHECKSUM_CRC32)},
     {"features": int(Feature.CHECKSUM_XXH3)},
+    {"features": int(Feature.COMPRESSION_ZSTD)},
+    {"features": int(Feature.COMPRESSION_ZSTD | Feature.CHECKSUM_XXH3)},
 ])
 def test_parameters_at_the_bounds_are_accepted(fields: dict[str, int]) -> None:
     assert admit_with(new_core(), hello(**fields)).accepted
@@ -200,7 +202,8 @@ def test_parameters_at_the_bounds_are_accepted(fields: dict[str, int]) -> None:
     ({"chunk_size": U32, "window": U32}, WelcomeStatus.BAD_PARAMETERS),
     ({"features": 3}, WelcomeStatus.BAD_PARAMETERS),  # no such checksum
     ({"features": 0xF}, WelcomeStatus.BAD_PARAMETERS),
-    ({"features": 0x10}, WelcomeStatus.BAD_PARAMETERS),  # compression: not offered
+    ({"features": 0x20}, WelcomeStatus.BAD_PARAMETERS),  # no such compression
+    ({"features": 0xF0}, WelcomeStatus.BAD_PARAMETERS),
     ({"features": 0x100 | int(Feature.CHECKSUM_CRC32)}, WelcomeStatus.BAD_PARAMETERS),
     ({"features": 0x8000_0000}, WelcomeStatus.BAD_PARAMETERS),
 ])

@@ -49,6 +49,8 @@ FRAMES: dict[str, st.SearchStrategy[Event]] = {
         pake=st.binary(min_size=33, max_size=33), proof=st.binary(min_size=32, max_size=32),
     ),
     "DATA": st.builds(Data, seq=u64, checksum=u32, payload=st.binary(min_size=1, max_size=200)),
+    "DATA_Z": st.builds(Data, seq=u64, checksum=u32, payload=st.binary(min_size=1, max_size=200),
+                        compressed=st.just(True)),
     "ACK": st.builds(Ack, seq=u64, written=u64),
     "BYE": st.builds(Bye, chunks=u64, nbytes=u64),
     "BYE_OK": st.builds(ByeOk, chunks=u64, nbytes=u64),
@@ -353,7 +355,8 @@ def test_every_frame_type_is_covered_by_these_tests() -> None:
     assert set(codes.values()) == set(frames.BODIES)
     assert set(FRAMES) == set(codes)
     examples: dict[str, Event] = {
-        "HELLO": HELLO, "WELCOME": WELCOME, "DATA": Data(0, 0, b"x"), "ACK": Ack(0, 0),
+        "HELLO": HELLO, "WELCOME": WELCOME, "DATA": Data(0, 0, b"x"),
+        "DATA_Z": Data(0, 0, b"x", compressed=True), "ACK": Ack(0, 0),
         "BYE": Bye(0, 0), "BYE_OK": ByeOk(0, 0), "FIN": Fin(0, 0), "ERROR": Error(0, ""),
         "AUTH": Auth(wire.AuthKind.PAKE),
     }
