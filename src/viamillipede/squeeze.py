@@ -222,6 +222,8 @@ class FixedPolicy:
 #: prepared in it (fewer say nothing about a rate).
 PERIOD = 0.2
 MIN_CHUNKS = 4
+#: The first decision comes sooner: until then the reader is held to a few chunks ahead.
+FIRST_PERIOD = 0.1
 #: The reader waited for a compressor this share of the period: the CPU holds the stream back.
 CPU_BUSY = 0.10
 #: The reader waited for room in the window this share of the period: the network does.
@@ -300,6 +302,7 @@ class AdaptivePolicy:
         self._settle = 0  # chunks still to prepare before a period's rate counts
         self._rate_off: float | None = None  # raw bytes/s measured with compression off
         self._judging = False  # compression was turned on; is the stream faster for it?
+        self._undone_at: float | None = None  # the rate with compression, when it was undone
         self._barred_until = 0.0
         self._bar = BAR_FIRST / 2
         self._misses = 0
@@ -415,7 +418,8 @@ class AdaptivePolicy:
 
     def _maybe_decide(self, now: float) -> None:
         elapsed = now - self._start
-        if self.incompressible or elapsed < PERIOD or self._chunks < MIN_CHUNKS:
+        period = FIRST_PERIOD if self._first else PERIOD
+        if self.incompressible or elapsed < period or self._chunks < MIN_CHUNKS:
             return
         settled = not self._settle
         rate = self._acked / elapsed
@@ -429,11 +433,21 @@ class AdaptivePolicy:
         here = self.index
         if settled and here < 0:
             self._rate_off = rate
+        if here < 0 and self._undone_at is not None and rate < KEEP_RATE * self._undone_at:
+            # Slower off than it was on (even before the window has turned over, while some
+            # compressed chunks still speed it up): the rate it was judged against was stale,
+            # the path slowed down meanwhile, and the judgement was wrong.
+            self._undone_at = None
+            self._rate_off = rate  # if anything, more than the rate off really is
+            self._barred_until = now
+            self._bar = BAR_FIRST / 2
+            self._note(now, f"off is slower than on was: {signals}; may turn on again")
         if self._judging and settled:
             self._judging = False
             if rate < KEEP_RATE * (self._rate_off or 0.0):
                 self._bar = min(2 * self._bar, BAR_MAX)
                 self._barred_until = now + self._bar
+                self._undone_at = rate
                 self._move(now, -1, f"slower than without: {signals}; not again for "
                                     f"{self._bar:g} s")
                 return
