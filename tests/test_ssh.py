@@ -115,6 +115,20 @@ def test_200_mb_arrive_identical(sshd: Sshd, tmp_path: Path) -> None:
     assert len(summary) == 1 and "200000000 bytes" in summary[0], summary
 
 
+def test_compression_goes_with_the_ssh_form(sshd: Sshd, tmp_path: Path) -> None:
+    """The remote receiver follows what the HELLO announces: nothing to pass through ssh."""
+    from procs import compressible_text
+
+    data = compressible_text(9 * 1000 * 1000, seed=5)
+    out = tmp_path / "out"
+    proc = run(tx_ssh(sshd, ["cat", ">", str(out)], "compress", "zstd:1", "--chunk-size",
+                      "1M"), data)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == data
+    line = proc.stderr.decode().splitlines()[-1]
+    assert line.startswith("viamillipede tx: compression zstd:1: 9000000 bytes as "), line
+
+
 def test_the_remote_commands_output_and_messages_come_back(sshd: Sshd) -> None:
     proc = run(tx_ssh(sshd, ["tr a-z A-Z; echo said-on-stderr >&2"], "-q"), b"hello\n")
     assert proc.returncode == 0, proc.stderr
