@@ -92,8 +92,8 @@ LINGER = 10.0
 #: chunks ahead of it finish well within this; on slower ones it soon gives up, so a waiting
 #: chunk does not hold its connection's flow for long.
 PARK_LIMIT = 0.02
-#: Compressed payloads up to this size are decompressed on the event loop (a hop to a worker
-#: thread costs ~150 us, more than decoding them).
+#: Compressed chunks that decode to at most this are decompressed on the event loop (a hop to
+#: a worker thread costs ~150 us, more than decoding them).
 INLINE_INFLATE_BYTES = 64 * 1024
 
 #: How long a best-effort send (an ERROR on the way out) may take before we stop trying.
@@ -801,7 +801,7 @@ class _Connections:
         try:
             src = memoryview(buf)[:length]
             dst = memoryview(out)[:chunk_size]
-            if length <= INLINE_INFLATE_BYTES:
+            if 0 <= rx._squeezer.announced(src) <= INLINE_INFLATE_BYTES:
                 n = rx._squeezer.decompress_into(src, dst)
             else:
                 async with rx._inflating:

@@ -111,6 +111,14 @@ class Squeezer:
         dst[:n] = frame
         return n
 
+    def announced(self, src: memoryview) -> int:
+        """The size the frame in ``src`` says it decodes to (-1 if it says nothing or is no
+        frame): cheap, for deciding where to decode it."""
+        try:
+            return int(self._zstd.frame_content_size(src))
+        except self._zstd.ZstdError:
+            return -1
+
     def decompress_into(self, src: memoryview, dst: memoryview) -> int:
         """Decode one frame from ``src`` into ``dst``; return the chunk's length.  Raises
         BadFrame for anything but one frame whose announced size is 1 to ``len(dst)`` bytes and
