@@ -22,6 +22,7 @@ from hostile import (
     poll_until,
     start_receiver,
 )
+from procs import Procs, compressible_text, free_port
 from viamillipede.chaos import ChaosScheduler, FaultKind
 from viamillipede.cli import UsageError, parse
 from viamillipede.errors import ProtocolViolation
@@ -31,9 +32,11 @@ from viamillipede.squeeze import (
     MIN_LEVEL,
     AdaptivePolicy,
     BadFrame,
+    CompressionCounters,
     Squeezer,
     parse_compress,
 )
+from viamillipede.stats import Counters, Report
 from viamillipede.testing import MemoryNetwork, PassThrough
 from viamillipede.transmitter import Transmitter
 from viamillipede.wire import (
@@ -473,3 +476,44 @@ def test_make_hello_default_is_plaintext() -> None:
     """The crafted peers above rely on it (and say mode=0 for a sealed session)."""
     assert make_hello().mode == Mode.PLAINTEXT
     assert not isinstance(ConnectionClosed(), Ack)
+
+
+# -- the command line, end to end --------------------------------------------------------------
+
+
+def test_the_cli_compresses_reports_and_writes_valid_stats_json(procs: Procs) -> None:
+    """Real processes over loopback, from a pipe: the output is the input, both ends' final
+    summaries and --stats-json (checked against the schema) tell the same compression."""
+    from test_operability import load_stats
+
+    source = procs.dir / "in"
+    source.write_bytes(compressible_text(6 * 1000 * 1000, seed=8) + noise(1_000_000))
+    port = free_port()
+    rx = procs.rx(port, "--stats-json", str(procs.dir / "rx.json"))
+    cat = procs.cat(source)
+    tx = procs.tx(port, "compress", "zstd:1", "--chunk-size", "256KiB", "--stats-json",
+                  str(procs.dir / "tx.json"), stdin=cat.stdout)
+    tx_err = tx.finish(0)
+    rx_err = rx.finish(0)
+    assert rx.out.read_bytes() == source.read_bytes()
+    tx_doc = load_stats(procs.dir / "tx.json")["report"]["compression"]
+    rx_doc = load_stats(procs.dir / "rx.json")["report"]["compression"]
+    assert tx_doc["setting"] == "zstd:1" and rx_doc["setting"] == "zstd"
+    for field in ("raw_bytes", "wire_bytes", "chunks", "chunks_raw"):
+        assert tx_doc[field] == rx_doc[field], field
+    assert tx_doc["raw_bytes"] == 7_000_000 and tx_doc["ratio"] < 0.6
+    assert 0 < tx_doc["chunks_raw"] < tx_doc["chunks"], "the noise at the end went raw"
+    assert f"as {tx_doc['wire_bytes']} (ratio" in tx_err
+    assert f"as {rx_doc['wire_bytes']} (ratio" in rx_err
+
+
+def test_a_report_renders_its_compression_line() -> None:
+    counters = CompressionCounters("auto (zstd:1)")
+    counters.count(2000, 500, compressed=True)
+    counters.count(1000, 1000, compressed=False)
+    report = Report(totals=Counters("tx").snapshot(), window=4, window_used=0,
+                    reorder_depth=0, connections=(), targets=(),
+                    compression=counters.snapshot())
+    assert ("  compression auto (zstd:1): 3000 bytes as 1500 (ratio 0.500), 50% of 2 chunks "
+            "sent raw") in report.render().splitlines()
+    assert report.to_dict()["compression"]["raw_share"] == 0.5
