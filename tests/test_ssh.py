@@ -231,7 +231,7 @@ def test_ctrl_c_stops_both_ends_and_leaves_nothing(sshd: Sshd, tmp_path: Path) -
     port = free_port()
     proc = start_slow(sshd, port, tmp_path)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the job
-    assert proc.wait(WAIT) == ExitCode.INTERRUPTED
+    assert proc.wait(WAIT) == ExitCode.INTERRUPTED, (tmp_path / "tx.err").read_text()
     assert_nothing_left(port)
     err = (tmp_path / "tx.err").read_text()
     assert "Traceback" not in err, err

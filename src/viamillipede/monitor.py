@@ -88,6 +88,10 @@ class Reminder:
         self._next += min(self._next - self._since, self._longest)
 
 
+#: The signal that stopped this process's session, once one has (SIGINT or SIGTERM).
+interrupted_by: str | None = None
+
+
 async def watch_signals(
     session: Reporting, verbose: int, meter: RateMeter, stderr: IO[str] | None = None
 ) -> None:
@@ -101,7 +105,8 @@ async def watch_signals(
     with anyio.open_signal_receiver(*wanted) as signals:
         async for signum in signals:
             if signum in (signal.SIGINT, signal.SIGTERM):
-                name = signal.Signals(signum).name
+                global interrupted_by
+                name = interrupted_by = signal.Signals(signum).name
                 log.error("%s: stopping and telling the peer", name)
                 session.abort(f"interrupted by {name}")
             elif signum == signal.SIGUSR2:

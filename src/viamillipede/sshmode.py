@@ -54,6 +54,9 @@ COMMAND_FAILED = re.compile(rb"ssh-rx: error: the remote command exited with sta
 START_TIMEOUT = 60.0
 #: How long the remote end may take to end by itself once the session has failed.
 REMOTE_GRACE = 5.0
+#: How long a dead ssh is given before it counts as lost: long enough for a signal delivered
+#: to this process at the same time (a Ctrl-C reaches the whole job) to be handled first.
+SIGNAL_GRACE = 0.1
 #: How long a command whose input broke may take to exit with its own status.
 SINK_GRACE = 2.0
 #: What a remote shell exits with when the command is not found.
@@ -232,7 +235,14 @@ def _ssh_lost(proc: subprocess.Popen[bytes], destination: str, lost: list[str],
     async def watch(session: Reporting) -> None:
         import anyio
 
+        from . import monitor
+
         code = await anyio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
+        # A Ctrl-C at the terminal reaches ssh too (it exits 255), and it was delivered here
+        # first: let our own handler see it, so that it reads as an interruption.
+        await anyio.sleep(SIGNAL_GRACE)
+        if monitor.interrupted_by is not None:
+            return
         if code == 255 or code < 0:
             lost.append(f"the ssh connection to {destination} was lost (ssh exit {code})")
             session.abort(lost[0])
