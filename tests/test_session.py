@@ -550,3 +550,29 @@ def test_buffers_come_from_pools_bounded_by_the_window_not_the_stream(plaintext:
     trio.run(main)
     assert 0 < made["tx"] <= made["window"] + threads, made
     assert 0 < made["rx"] <= made["window"] + EXTRA_BUFFERS, made
+
+
+async def test_chunks_larger_than_the_inline_limit_are_sealed_and_opened_in_threads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks up to INLINE_SEAL_BYTES are sealed on the event loop; larger ones (chunk sizes of
+    several MiB) go to worker threads, both ways, and arrive the same."""
+    import threading
+
+    from viamillipede.wire.secure import INLINE_SEAL_BYTES, ChunkSealer
+
+    where: dict[str, set[bool]] = {"seal": set(), "open": set()}
+    seal, open_ = ChunkSealer.seal_into, ChunkSealer.open_into
+
+    def on(what: str, fn: Callable[..., None]) -> Callable[..., None]:
+        def call(*args: object) -> None:
+            where[what].add(threading.current_thread() is threading.main_thread())
+            fn(*args)
+        return call
+
+    monkeypatch.setattr(ChunkSealer, "seal_into", on("seal", seal))
+    monkeypatch.setattr(ChunkSealer, "open_into", on("open", open_))
+    chunk = INLINE_SEAL_BYTES + 4096
+    data = os.urandom(2 * chunk + 12345)  # two large chunks and a small one
+    _, _, sink = await run_session(data, threads=2, chunk_size=chunk)
+    assert bytes(sink.data) == data
+    assert where == {"seal": {True, False}, "open": {True, False}}
