@@ -822,8 +822,8 @@ class _Connections:
         return out, n
 
     async def _open(self, conn: _Conn, header: DataHeader, view: memoryview) -> None:
-        """Open a sealed chunk in place, in a worker thread (the GIL is released while it
-        runs, so other connections go on).  A chunk that fails to verify is dropped with its
+        """Open a sealed chunk in place: on the event loop up to INLINE_SEAL_BYTES, else in a
+        worker thread (the GIL is released while it runs, so other connections go on).  A chunk that fails to verify is dropped with its
         connection and comes again; too many such and the session ends."""
         sealer = self.rx._sealer
         assert sealer is not None

@@ -98,7 +98,8 @@ class ChunkReader:
         self._source = source
         self._size = chunk_size
         self._checksum = checksum
-        # Sealed chunks: each is sealed once, in place, in a worker thread, when it is read,
+        # Sealed chunks: each is sealed once, in place, when it is read (on the event loop, or
+        # in a worker thread if larger than INLINE_SEAL_BYTES),
         # and its sealed bytes are what every send of it sends.  ``sealer`` waits for the
         # session's keys.
         self._sealer = sealer
