@@ -823,8 +823,9 @@ class _Connections:
 
     async def _open(self, conn: _Conn, header: DataHeader, view: memoryview) -> None:
         """Open a sealed chunk in place: on the event loop up to INLINE_SEAL_BYTES, else in a
-        worker thread (the GIL is released while it runs, so other connections go on).  A chunk that fails to verify is dropped with its
-        connection and comes again; too many such and the session ends."""
+        worker thread (the GIL is released while it runs, so other connections go on).  A
+        chunk that fails to verify is dropped with its connection and comes again; too many
+        such and the session ends."""
         sealer = self.rx._sealer
         assert sealer is not None
         head = bytearray(DATA_HEADER_SIZE)

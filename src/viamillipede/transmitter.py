@@ -91,7 +91,7 @@ from .wire import (
     WelcomeStatus,
     encode,
 )
-from .wire.secure import ChunkSealer, Tagger, password
+from .wire.secure import INLINE_SEAL_BYTES, ChunkSealer, Tagger, password
 
 __all__ = ["Connector", "Source", "Transmitter"]
 
@@ -319,7 +319,25 @@ class Transmitter:
                 free.release()
                 job.ready.set()
 
+        queued = 0  # jobs in the queue, not yet added to the window
+
+        def accept(level: int | None, chunk: Chunk) -> None:
+            """Chunk ``seq`` is ready and every chunk before it is in the window: add it."""
+            nonlocal told
+            now = anyio.current_time()
+            policy.done(level, chunk.raw, chunk.length, now)
+            if adaptive is not None and told < adaptive.decided:
+                for line in list(adaptive.decisions)[told - adaptive.decided:]:
+                    log.debug("compression at %s", line)
+                told = adaptive.decided
+            stats.count(chunk.raw, chunk.length, chunk.length < chunk.raw)
+            stats.setting = policy.describe()
+            counters.chunks += 1
+            counters.nbytes += chunk.raw
+            shared.wake(core.add(chunk, chunk.raw, now))
+
         async def feed(tg: anyio.abc.TaskGroup) -> None:
+            nonlocal queued
             async with send:
                 seq = core.window.next_seq
                 while True:
@@ -334,34 +352,36 @@ class Transmitter:
                         return
                     sealer = await chunks.sealer()
                     read = anyio.current_time()
-                    await free.acquire()
-                    now = anyio.current_time()
-                    policy.waited(now, window=room - asked, worker=now - read)
-                    job = _Job(seq, policy.level(now))
-                    tg.start_soon(prepare, job, raw[0], raw[1], sealer)
-                    await send.send(job)
+                    policy.waited(read, window=room - asked)
+                    job = _Job(seq, policy.level(read))
                     seq += 1
+                    if job.level is None and raw[1] <= INLINE_SEAL_BYTES:
+                        # Not compressed: sealed here, as without compression (a worker's
+                        # hop costs more than the seal); straight into the window if no
+                        # chunk before it is still being prepared.
+                        chunk = chunks.prepare(job.seq, raw[0], raw[1], None, squeezer, sealer)
+                        if not queued:
+                            accept(None, chunk)
+                            continue
+                        job.chunk = chunk
+                        job.ready.set()
+                    else:
+                        await free.acquire()
+                        policy.waited(anyio.current_time(),
+                                      worker=anyio.current_time() - read)
+                        tg.start_soon(prepare, job, raw[0], raw[1], sealer)
+                    queued += 1
+                    await send.send(job)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(feed, tg)
             async with receive:
                 async for job in receive:
                     await job.ready.wait()
-                    chunk = job.chunk
-                    if chunk is None:  # its worker failed: the task group has the error
+                    queued -= 1
+                    if job.chunk is None:  # its worker failed: the task group has the error
                         return
-                    now = anyio.current_time()
-                    compressed = chunk.length < chunk.raw
-                    policy.done(job.level, chunk.raw, chunk.length, now)
-                    if adaptive is not None and told < adaptive.decided:
-                        for line in list(adaptive.decisions)[told - adaptive.decided:]:
-                            log.debug("compression at %s", line)
-                        told = adaptive.decided
-                    stats.count(chunk.raw, chunk.length, compressed)
-                    stats.setting = policy.describe()
-                    counters.chunks += 1
-                    counters.nbytes += chunk.raw
-                    shared.wake(core.add(chunk, chunk.raw, now))
+                    accept(job.level, job.chunk)
         shared.wake(core.end_of_stream(anyio.current_time()))
         log.debug("end of input after %d bytes in %d chunks; %s", core.nbytes,
                   core.window.next_seq, stats.snapshot().summary())
