@@ -795,17 +795,25 @@ class _Connections:
         thread; give ``buf`` back and return the other one and the chunk's length.  ``buf``
         stays the caller's if this raises."""
         rx = self.rx
+        assert rx._squeezer is not None
+        src = memoryview(buf)[:length]
+        if 0 <= rx._squeezer.announced(src) <= INLINE_INFLATE_BYTES:
+            return await self._inflate_into(conn, header, buf, src, threaded=False)
+        # The second buffer only once a worker is free: waiting connections hold none.
+        async with rx._inflating:
+            return await self._inflate_into(conn, header, buf, src, threaded=True)
+
+    async def _inflate_into(self, conn: _Conn, header: DataHeader, buf: bytearray,
+                            src: memoryview, *, threaded: bool) -> tuple[bytearray, int]:
+        rx = self.rx
         assert rx._pool is not None and rx._squeezer is not None and rx._core.params
-        chunk_size = rx._core.params.chunk_size
         out = rx._pool.get()
         try:
-            src = memoryview(buf)[:length]
-            dst = memoryview(out)[:chunk_size]
-            if 0 <= rx._squeezer.announced(src) <= INLINE_INFLATE_BYTES:
-                n = rx._squeezer.decompress_into(src, dst)
+            dst = memoryview(out)[: rx._core.params.chunk_size]
+            if threaded:
+                n = await anyio.to_thread.run_sync(rx._squeezer.decompress_into, src, dst)
             else:
-                async with rx._inflating:
-                    n = await anyio.to_thread.run_sync(rx._squeezer.decompress_into, src, dst)
+                n = rx._squeezer.decompress_into(src, dst)
         except BadFrame as exc:
             rx._pool.put(out)
             if rx._sealer is not None:
