@@ -45,8 +45,8 @@ __all__ = [
 
 #: The levels ``auto`` moves between, fastest first.
 LADDER: tuple[int, ...] = (-5, -1, 1, 3, 6)
-#: Where ``auto`` starts: cheap enough that a fast path notices the cost within a few chunks,
-#: strong enough to matter on a slow one from the first chunk.
+#: The level ``auto`` turns compression on at (it starts off): cheap enough that its cost
+#: shows within a period where it does not pay, strong enough to matter at once on a slow link.
 START_LEVEL = 1
 #: ``zstd`` without a level, as the zstd command has it.
 DEFAULT_LEVEL = 3
