@@ -132,8 +132,8 @@ class ChunkReader:
 
     async def read_raw(self) -> tuple[bytearray, int] | None:
         """The next chunk's bytes, in a pooled buffer after the header space, not yet framed
-        (compressing sessions: :meth:`prepare` frames them, in a worker thread); None at the
-        end of the stream."""
+        (:meth:`_read` frames them at once; a compressing session with :meth:`prepare`,
+        perhaps in a worker thread); None at the end of the stream."""
         if self._ended:
             return None
         buf = self.pool.get()
@@ -197,16 +197,11 @@ class ChunkReader:
             self.pool.put(chunk.buf)
 
     async def _read(self, seq: int) -> Chunk | None:
-        buf = self.pool.get()
-        view = memoryview(buf)
-        try:
-            n = await self._fill(view)
-        except BaseException:
-            self.pool.put(buf)
-            raise
-        if not n:
-            self.pool.put(buf)
+        raw = await self.read_raw()
+        if raw is None:
             return None
+        buf, n = raw
+        view = memoryview(buf)
         if self._sealer is not None:
             try:
                 await self._seal(view, seq, n)
