@@ -224,6 +224,21 @@ async def test_round_trips(kind: str, level: int, mode: str) -> None:
     assert session.tx_stats.nbytes == len(data)
 
 
+@pytest.mark.parametrize("level", [*range(MIN_LEVEL, 0), *range(1, MAX_LEVEL + 1)])
+def test_every_level_carries_mixed_data(level: int) -> None:
+    """Every level zstd:LEVEL accepts, a whole sealed session each, on Trio (the matrix above
+    takes a few of them through every mode and both backends)."""
+    data = DATA["mixed"]
+
+    async def main() -> None:
+        session = await run_session(data, threads=2, chunk_size=CHUNK, compress=level)
+        assert session.received == data
+        stats = session.tx.compression()
+        assert stats is not None and 0 < stats.chunks_raw < stats.chunks
+
+    anyio.run(main, backend="trio")
+
+
 @pytest.mark.parametrize("size", [0, 1, 100, CHUNK, CHUNK + 1])
 async def test_small_streams(size: int) -> None:
     data = text(size)
