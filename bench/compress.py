@@ -94,7 +94,7 @@ from _common import (
     unwind_on_signals,
     wait_listening,
 )
-from netns_links import PREFIX, Lab, LinkSampler, sh, tc_rate_bytes
+from netns_links import PREFIX, Lab, LinkSampler, check_rate_and_rounds, sh, tc_rate_bytes
 
 MB = 1e6
 PARTS = ("netns", "random", "compressible")
@@ -541,12 +541,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_run_args(ap, timeout_default="default: netns 60 + 3 x nc's expected time; "
                  "loopback 60 + size at 5 MB/s")
     args = ap.parse_args(argv)
-    try:
-        tc_rate_bytes(args.rate)
-    except argparse.ArgumentTypeError as e:
-        ap.error(str(e))
-    if args.rounds < 1:
-        ap.error("--rounds must be >= 1")
+    check_rate_and_rounds(ap, args)
     if args.threads < 1:
         ap.error("--threads must be >= 1")
     args.parts = [p for p in PARTS if p in (args.only or PARTS)]

@@ -304,6 +304,16 @@ def report(configs: list[LinkConfig], args: argparse.Namespace) -> None:
                 print(f"  {cfg.name:<{w}} r{r.round}: {res}")
 
 
+def check_rate_and_rounds(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks every bench with ``--rate`` (tc syntax) and ``--rounds`` makes."""
+    try:
+        tc_rate_bytes(args.rate)
+    except argparse.ArgumentTypeError as e:
+        ap.error(str(e))
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description="viamillipede over two htb-shaped veth links between two network "
@@ -324,12 +334,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--nc", default="nc", help="netcat-openbsd binary; default nc")
     add_run_args(ap, timeout_default="default 60 + 3 x nc's expected time")
     args = ap.parse_args(argv)
-    try:
-        tc_rate_bytes(args.rate)
-    except argparse.ArgumentTypeError as e:
-        ap.error(str(e))
-    if args.rounds < 1:
-        ap.error("--rounds must be >= 1")
+    check_rate_and_rounds(ap, args)
     if args.timeout is None:
         args.timeout = 60 + 3 * args.size / tc_rate_bytes(args.rate)
     return args
